@@ -1,0 +1,78 @@
+"""The attention backend interface.
+
+A backend is created once per model runner. Per step, the runner calls
+`init_forward_metadata(batch)` once; then every `RadixAttention` layer calls
+`forward(q, k, v, layer, batch)`, which writes the new K/V into the paged pool
+(at `batch.out_cache_loc`) and attends over the sequence's whole KV
+(prefix + new), found through `req_to_token`.
+
+Shapes: q [num_tokens, num_heads * head_dim]; k, v [num_tokens, num_kv_heads
+* head_dim]; output [num_tokens, num_heads * head_dim].
+
+CUDA-graph hooks exist for backends that support captured decode; the
+defaults say they do not.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from layers.radix_attention import RadixAttention
+    from model_executor.forward_batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        """Build what every layer of this step shares (indices, masks)."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        batch: ForwardBatch,
+        save_kv_cache: bool = True,
+    ) -> torch.Tensor:
+        if batch.forward_mode.is_decode():
+            return self.forward_decode(q, k, v, layer, batch, save_kv_cache)
+        return self.forward_extend(q, k, v, layer, batch, save_kv_cache)
+
+    @abstractmethod
+    def forward_extend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        batch: ForwardBatch,
+        save_kv_cache: bool = True,
+    ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def forward_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        batch: ForwardBatch,
+        save_kv_cache: bool = True,
+    ) -> torch.Tensor: ...
+
+    # CUDA-graph hooks: backends that can replay captured decode override these.
+    supports_cuda_graph: bool = False
+
+    def init_cuda_graph_state(self, max_bs: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def init_forward_metadata_capture_cuda_graph(self, batch: ForwardBatch) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def init_forward_metadata_replay_cuda_graph(self, batch: ForwardBatch) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")

@@ -1,0 +1,114 @@
+"""Reference attention over the paged KV cache, built on torch SDPA.
+
+Runs on any device; CPU tests and the other backends' parity tests use it.
+
+Every step is one padded SDPA call per layer: the new tokens' queries are
+scattered into [B, max_new, H, D]; each sequence's keys/values (cached prefix
+and the tokens just written) are gathered from the pool through
+`req_to_token` into [B, max_len, H_kv, D]; a boolean mask allows key j for
+query i of sequence b iff j <= prefix_len[b] + i and j < seq_len[b]. Decode is
+the max_new == 1 case. The gather indices and the mask are built once per
+step and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from layers.attention.base import AttentionBackend
+
+if TYPE_CHECKING:
+    from layers.radix_attention import RadixAttention
+    from model_executor.forward_batch import ForwardBatch
+
+
+@dataclass
+class _StepMetadata:
+    kv_slots: torch.Tensor  # [B, max_len] pool slots, padded with slot 0
+    mask: torch.Tensor  # [B, 1, max_new, max_len] bool, True = attend
+    token_batch: torch.Tensor  # [num_tokens] which sequence each new token is in
+    token_offset: torch.Tensor  # [num_tokens] its index among that sequence's new tokens
+    max_new: int
+
+
+class TorchNativeAttnBackend(AttentionBackend):
+    def __init__(self) -> None:
+        self.metadata: _StepMetadata | None = None
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        device = batch.seq_lens.device
+        max_len = max(batch.seq_lens_cpu)
+        max_new = max(batch.extend_seq_lens_cpu)
+        assert batch.req_to_token_pool is not None
+        columns = torch.arange(max_len, device=device)
+        seq_lens = batch.seq_lens.unsqueeze(1)
+        in_sequence = columns.unsqueeze(0) < seq_lens  # [B, max_len]
+        rows = batch.req_to_token_pool.req_to_token[batch.req_pool_indices, :max_len]
+        kv_slots = torch.where(in_sequence, rows.to(torch.int64), 0)
+
+        new_index = torch.arange(max_new, device=device)
+        query_pos = batch.extend_prefix_lens.unsqueeze(1) + new_index.unsqueeze(0)  # [B, max_new]
+        mask = columns.view(1, 1, max_len) <= query_pos.unsqueeze(2)
+        mask &= in_sequence.unsqueeze(1)
+        # Padding query rows attend to key 0 only, so softmax stays finite;
+        # their outputs are never read.
+        mask[:, :, 0] = True
+
+        token_batch = torch.repeat_interleave(
+            torch.arange(batch.batch_size, device=device), batch.extend_seq_lens
+        )
+        starts = torch.cumsum(batch.extend_seq_lens, 0) - batch.extend_seq_lens
+        token_offset = torch.arange(batch.num_tokens, device=device) - starts[token_batch]
+        self.metadata = _StepMetadata(
+            kv_slots=kv_slots,
+            mask=mask.unsqueeze(1),
+            token_batch=token_batch,
+            token_offset=token_offset,
+            max_new=max_new,
+        )
+
+    def forward_extend(self, q, k, v, layer, batch, save_kv_cache=True):
+        return self._attend(q, k, v, layer, batch, save_kv_cache)
+
+    def forward_decode(self, q, k, v, layer, batch, save_kv_cache=True):
+        return self._attend(q, k, v, layer, batch, save_kv_cache)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        batch: ForwardBatch,
+        save_kv_cache: bool,
+    ) -> torch.Tensor:
+        meta = self.metadata
+        assert meta is not None and batch.kv_pool is not None
+        head_dim = layer.head_dim
+        if save_kv_cache:
+            batch.kv_pool.set_kv_buffer(
+                layer.layer_id,
+                batch.out_cache_loc,
+                k.view(-1, layer.num_kv_heads, head_dim),
+                v.view(-1, layer.num_kv_heads, head_dim),
+            )
+        k_cache, v_cache = batch.kv_pool.get_kv_buffer(layer.layer_id)
+        keys = k_cache[meta.kv_slots].transpose(1, 2)  # [B, H_kv, max_len, D]
+        values = v_cache[meta.kv_slots].transpose(1, 2)
+
+        queries = q.new_zeros(batch.batch_size, meta.max_new, layer.num_heads, head_dim)
+        queries[meta.token_batch, meta.token_offset] = q.view(-1, layer.num_heads, head_dim)
+        out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2).to(keys.dtype),
+            keys,
+            values,
+            attn_mask=meta.mask,
+            scale=layer.scaling,
+            enable_gqa=layer.num_heads != layer.num_kv_heads,
+        )  # [B, H, max_new, D]
+        out = out.transpose(1, 2)[meta.token_batch, meta.token_offset]
+        return out.reshape(-1, layer.num_heads * head_dim).to(q.dtype)

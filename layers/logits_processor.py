@@ -1,0 +1,37 @@
+"""From final hidden states to the logits the sampler needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from layers.embedding import ParallelLMHead
+
+if TYPE_CHECKING:
+    from model_executor.forward_batch import ForwardBatch
+
+
+@dataclass
+class LogitsProcessorOutput:
+    next_token_logits: torch.Tensor  # [B, vocab] float32, last new token of each sequence
+    all_logits: torch.Tensor | None = None  # [num_tokens, vocab] when the batch asks for it
+
+
+class LogitsProcessor(nn.Module):
+    def forward(
+        self, hidden: torch.Tensor, lm_head: ParallelLMHead, batch: ForwardBatch
+    ) -> LogitsProcessorOutput:
+        if batch.return_all_logits:
+            all_logits = lm_head.compute_logits(hidden).float()
+            last = torch.cumsum(batch.extend_seq_lens, 0) - 1
+            return LogitsProcessorOutput(all_logits[last], all_logits)
+        if batch.forward_mode.is_decode():
+            last_hidden = hidden  # one token per sequence already
+        else:
+            # Only the last position of each sequence feeds sampling: skip the
+            # (large) vocab projection for every other prompt token.
+            last_hidden = hidden[torch.cumsum(batch.extend_seq_lens, 0) - 1]
+        return LogitsProcessorOutput(lm_head.compute_logits(last_hidden).float())

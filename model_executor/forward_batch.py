@@ -1,0 +1,115 @@
+"""`ForwardBatch`: one model step's inputs, as tensors only.
+
+The scheduler turns its requests into this; the model runner, the model and
+the attention backend read it. Nothing here knows about requests.
+
+Token layout: the new tokens of all sequences, concatenated in batch order
+(`input_ids`, `positions`, `out_cache_loc` are [num_tokens]). Sequence i has
+`extend_prefix_lens[i]` tokens already in the KV cache and
+`extend_seq_lens[i]` new ones; its total length is `seq_lens[i]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum, auto
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from layers.attention.base import AttentionBackend
+    from layers.sampler import SamplingBatchInfo
+    from mem_cache.memory_pool import KVPool, ReqToTokenPool
+
+
+class ForwardMode(IntEnum):
+    EXTEND = auto()  # prefill, possibly on top of a cached prefix
+    DECODE = auto()  # exactly one new token per sequence
+    MIXED = auto()  # extends and decodes in one batch (decodes are 1-token extends)
+    IDLE = auto()  # nothing to run on this rank (TP/DP padding)
+
+    def is_extend(self) -> bool:
+        return self in (ForwardMode.EXTEND, ForwardMode.MIXED)
+
+    def is_decode(self) -> bool:
+        return self == ForwardMode.DECODE
+
+
+@dataclass
+class ForwardBatch:
+    forward_mode: ForwardMode
+    batch_size: int
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    out_cache_loc: torch.Tensor  # [num_tokens] int64, KV slots the new tokens are written to
+    req_pool_indices: torch.Tensor  # [B] int64, rows of req_to_token
+    seq_lens: torch.Tensor  # [B] int64, lengths after this step
+    extend_prefix_lens: torch.Tensor  # [B] int64
+    extend_seq_lens: torch.Tensor  # [B] int64
+    # Host copies: backends size their metadata from these without a device sync.
+    seq_lens_cpu: list[int]
+    extend_prefix_lens_cpu: list[int]
+    extend_seq_lens_cpu: list[int]
+    sampling_info: SamplingBatchInfo | None = None
+    # Logits for every new token instead of only the last of each sequence
+    # (prompt logprobs; parity tests).
+    return_all_logits: bool = False
+    # Filled in by the model runner just before the forward.
+    req_to_token_pool: ReqToTokenPool | None = None
+    kv_pool: KVPool | None = None
+    attn_backend: AttentionBackend | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @classmethod
+    def build(
+        cls,
+        forward_mode: ForwardMode,
+        input_ids: Sequence[int] | torch.Tensor,
+        req_pool_indices: Sequence[int],
+        prefix_lens: Sequence[int],
+        extend_lens: Sequence[int],
+        out_cache_loc: torch.Tensor,
+        device: torch.device | str,
+        sampling_info: SamplingBatchInfo | None = None,
+        return_all_logits: bool = False,
+    ) -> ForwardBatch:
+        """Derive positions and lengths from per-sequence prefix/extend lengths."""
+        if forward_mode.is_decode() and any(n != 1 for n in extend_lens):
+            raise ValueError("DECODE batches extend every sequence by exactly one token")
+        prefix_lens = list(prefix_lens)
+        extend_lens = list(extend_lens)
+        seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+        positions = torch.cat(
+            [torch.arange(p, s, dtype=torch.int64) for p, s in zip(prefix_lens, seq_lens)]
+        )
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.tensor(list(input_ids), dtype=torch.int64)
+        if input_ids.shape[0] != positions.shape[0]:
+            raise ValueError(
+                f"{input_ids.shape[0]} input ids for {positions.shape[0]} new positions"
+            )
+
+        def to_device(values: Sequence[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+        return cls(
+            forward_mode=forward_mode,
+            batch_size=len(seq_lens),
+            input_ids=input_ids.to(device, torch.int64, non_blocking=True),
+            positions=positions.to(device, non_blocking=True),
+            out_cache_loc=out_cache_loc.to(device, torch.int64, non_blocking=True),
+            req_pool_indices=to_device(list(req_pool_indices)),
+            seq_lens=to_device(seq_lens),
+            extend_prefix_lens=to_device(prefix_lens),
+            extend_seq_lens=to_device(extend_lens),
+            seq_lens_cpu=seq_lens,
+            extend_prefix_lens_cpu=prefix_lens,
+            extend_seq_lens_cpu=extend_lens,
+            sampling_info=sampling_info,
+            return_all_logits=return_all_logits,
+        )

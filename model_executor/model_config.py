@@ -1,0 +1,130 @@
+"""Configs the model executor needs: what the checkpoint says, and how to run it.
+
+`ModelConfig` is read from a checkpoint directory; `ModelRunnerConfig` is the
+small set of run-time choices that `runtime.server_args.ServerArgs` fills in
+(lower packages never read CLI flags).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ATTENTION_BACKENDS = ("torch_native", "triton", "flashinfer")
+
+
+@dataclass
+class ModelRunnerConfig:
+    model_path: str
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "cpu"
+    context_length: int | None = None  # None: the checkpoint's max_position_embeddings
+    page_size: int = 1
+    max_total_tokens: int | None = None  # None: sized from free memory
+    mem_fraction_static: float = 0.88
+    max_running_requests: int = 256
+    attention_backend: str = "torch_native"
+    disable_cuda_graph: bool = False
+    tp_size: int = 1
+    tp_rank: int = 0
+    random_seed: int = 0
+
+
+@dataclass
+class RopeConfig:
+    theta: float = 10000.0
+    # "default", "linear" or "llama3"; extra keys of the scaling dict live in `params`.
+    rope_type: str = "default"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def read_rope_config(hf_config: Any) -> RopeConfig:
+    """Normalise the two spellings of rope settings.
+
+    transformers < 5 writes `rope_theta` + `rope_scaling`; transformers >= 5
+    writes one `rope_parameters` dict holding `rope_theta` and the scaling keys.
+    Either may reach us, depending on which version saved the checkpoint and
+    which version is loading it.
+    """
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    merged: dict[str, Any] = {**scaling, **params}
+    theta = merged.pop("rope_theta", None)
+    if theta is None:
+        theta = getattr(hf_config, "rope_theta", 10000.0)
+    rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
+    merged.pop("type", None)
+    return RopeConfig(theta=float(theta), rope_type=rope_type, params=merged)
+
+
+def resolve_dtype(dtype: str, hf_config: Any) -> torch.dtype:
+    if dtype == "auto":
+        saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(saved, str):
+            saved = getattr(torch, saved, None)
+        if saved in (torch.float16, torch.bfloat16, torch.float32):
+            return saved
+        return torch.bfloat16
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {dtype!r}")
+    return names[dtype]
+
+
+@dataclass
+class ModelConfig:
+    """The architecture facts the runner and the memory pools need."""
+
+    model_path: str
+    hf_config: Any
+    architecture: str
+    dtype: torch.dtype
+    context_len: int
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_pretrained(
+        cls, model_path: str, dtype: str = "auto", context_length: int | None = None
+    ) -> "ModelConfig":
+        # Imported here so that importing this module stays cheap.
+        from transformers import AutoConfig
+
+        from model_executor.models.registry import check_architectures
+
+        config_file = os.path.join(model_path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"no config.json in model path {model_path!r}")
+        with open(config_file) as f:
+            raw = json.load(f)
+        architecture = check_architectures(raw.get("architectures"), config_file)
+        hf_config = AutoConfig.from_pretrained(model_path)
+        max_pos = int(getattr(hf_config, "max_position_embeddings", 2048))
+        if context_length is not None and context_length > max_pos:
+            raise ValueError(
+                f"--context-length {context_length} exceeds the model's "
+                f"max_position_embeddings {max_pos}"
+            )
+        heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        return cls(
+            model_path=model_path,
+            hf_config=hf_config,
+            architecture=architecture,
+            dtype=resolve_dtype(dtype, hf_config),
+            context_len=context_length or max_pos,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_attention_heads=heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+        )

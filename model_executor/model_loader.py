@@ -1,0 +1,75 @@
+"""Build a model from a Hugging Face checkpoint directory (safetensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from layers.linear import TPContext
+from model_executor.model_config import ModelConfig
+from model_executor.models.registry import get_model_class
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def checkpoint_files(model_path: str) -> list[str]:
+    """The safetensors files of a checkpoint: one file, or the shards its index names."""
+    index_path = os.path.join(model_path, INDEX_FILE)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        files = [os.path.join(model_path, name) for name in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(
+                f"checkpoint shard(s) listed in {index_path} are missing: {', '.join(missing)}"
+            )
+        return files
+    single = os.path.join(model_path, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    others = sorted(f for f in os.listdir(model_path) if f.endswith(".safetensors"))
+    if others:
+        return [os.path.join(model_path, f) for f in others]
+    raise FileNotFoundError(
+        f"no weights in {model_path!r}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards"
+    )
+
+
+def iterate_weights(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_model(
+    model_config: ModelConfig, device: torch.device | str, tp: TPContext | None = None
+) -> nn.Module:
+    model_cls = get_model_class(model_config.architecture)
+    files = checkpoint_files(model_config.model_path)
+    # Parameters are created empty on the target device in the target dtype,
+    # then filled tensor by tensor, so peak memory is one copy of the weights
+    # plus one checkpoint tensor.
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(model_config.dtype)
+        try:
+            model = model_cls(model_config.hf_config, tp or TPContext())
+        finally:
+            torch.set_default_dtype(previous)
+    loaded = model.load_weights(iterate_weights(files))
+    missing = sorted(model.expected_checkpoint_names() - loaded)
+    if missing:
+        raise ValueError(
+            f"checkpoint {model_config.model_path!r} is missing tensors for: "
+            + ", ".join(missing[:10])
+            + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+        )
+    return model.eval()

@@ -1,0 +1,134 @@
+"""ModelRunner: load the model, size and create the KV memory, run a step.
+
+One per TP rank. It owns the model, the request-to-token table, the token
+slot allocator, the KV pool and the attention backend; the scheduler (or a
+test) owns which slots belong to which sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from layers.attention.base import AttentionBackend
+from layers.linear import TPContext
+from layers.logits_processor import LogitsProcessorOutput
+from layers.sampler import Sampler
+from mem_cache.allocator import TokenToKVPoolAllocator
+from mem_cache.memory_pool import KVPool, ReqToTokenPool
+from model_executor.forward_batch import ForwardBatch
+from model_executor.model_config import ModelConfig, ModelRunnerConfig
+from model_executor.model_loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+def create_attention_backend(name: str) -> AttentionBackend:
+    if name == "torch_native":
+        from layers.attention.torch_native import TorchNativeAttnBackend
+
+        return TorchNativeAttnBackend()
+    raise ValueError(
+        f"attention backend {name!r} is not available in this build; available: torch_native"
+    )
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory the KV cache may grow into, before applying mem_fraction_static."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo; pass --max-total-tokens")
+
+
+class ModelRunner:
+    def __init__(self, config: ModelRunnerConfig, tp: TPContext | None = None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.random_seed)
+        self.model_config = ModelConfig.from_pretrained(
+            config.model_path, config.dtype, config.context_length
+        )
+        self.dtype = self.model_config.dtype
+        self.tp = tp or TPContext(rank=config.tp_rank, size=config.tp_size)
+        self.model = load_model(self.model_config, self.device, self.tp)
+        self.sampler = Sampler()
+
+        self.num_kv_heads = max(1, self.model_config.num_kv_heads // self.tp.size)
+        self.max_total_num_tokens = self._kv_capacity()
+        self.req_to_token_pool = ReqToTokenPool(
+            config.max_running_requests, self.model_config.context_len, self.device
+        )
+        self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(
+            self.max_total_num_tokens, config.page_size, self.device
+        )
+        self.kv_pool = KVPool(
+            self.token_to_kv_pool_allocator.num_slots,
+            self.model_config.num_layers,
+            self.num_kv_heads,
+            self.model_config.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.kv_pool.zero_padding(config.page_size)
+        self.attn_backend = create_attention_backend(config.attention_backend)
+        logger.info(
+            "KV cache: %d tokens (%.1f MiB), page size %d, dtype %s",
+            self.max_total_num_tokens,
+            self.kv_pool.mem_bytes() / 2**20,
+            config.page_size,
+            self.dtype,
+        )
+
+    def _kv_capacity(self) -> int:
+        """Token capacity: --max-total-tokens, else what free memory allows."""
+        page = self.config.page_size
+        if self.config.max_total_tokens is not None:
+            tokens = self.config.max_total_tokens
+        else:
+            per_token = KVPool.kv_bytes_per_token(
+                self.model_config.num_layers,
+                self.num_kv_heads,
+                self.model_config.head_dim,
+                self.dtype,
+            )
+            budget = available_memory_bytes(self.device)
+            if self.device.type == "cuda":
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                budget -= int(total * (1 - self.config.mem_fraction_static))
+            else:
+                budget = int(budget * self.config.mem_fraction_static)
+                # Host memory is shared with everything else; no point in
+                # holding more than every request slot at full context.
+                budget = min(
+                    budget,
+                    per_token * self.config.max_running_requests * self.model_config.context_len,
+                )
+            tokens = budget // per_token
+        tokens = tokens // page * page
+        if tokens < page:
+            raise RuntimeError(
+                f"not enough memory for the KV cache (capacity {tokens} tokens); "
+                "lower --mem-fraction-static's complement, --context-length, or set --max-total-tokens"
+            )
+        return tokens
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> LogitsProcessorOutput:
+        batch.req_to_token_pool = self.req_to_token_pool
+        batch.kv_pool = self.kv_pool
+        batch.attn_backend = self.attn_backend
+        self.attn_backend.init_forward_metadata(batch)
+        return self.model(batch)
+
+    @torch.inference_mode()
+    def sample(self, logits: LogitsProcessorOutput, batch: ForwardBatch) -> torch.Tensor:
+        """Next token id per sequence ([B] int64), honouring each one's sampling params."""
+        if batch.sampling_info is None:
+            return torch.argmax(logits.next_token_logits, dim=-1)
+        return self.sampler(logits.next_token_logits, batch.sampling_info)

@@ -1,0 +1,212 @@
+"""Llama-family decoder, shared by the Llama, Qwen2 and Qwen3 architectures.
+
+The three differ only in a few switches read from the config:
+- Qwen2: biases on the q/k/v projections;
+- Qwen3: RMSNorm on each query and key head before rotary;
+- Llama: optional `attention_bias` / `mlp_bias`.
+
+Projections are fused for speed (one GEMM for q/k/v, one for gate/up);
+`load_weights` maps the checkpoint's separate tensors into them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from layers.activation import SiluAndMul
+from layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from layers.layernorm import RMSNorm
+from layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, TPContext
+from layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
+from layers.radix_attention import RadixAttention
+from layers.rotary import RotaryEmbedding
+from model_executor.forward_batch import ForwardBatch
+from model_executor.model_config import read_rope_config
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, bias: bool, tp: TPContext) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias, tp)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias, tp)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    # Subclasses flip these; values for plain Llama.
+    qk_norm = False
+
+    def __init__(self, config: Any, layer_id: int, tp: TPContext, qkv_bias: bool) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        total_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or hidden // total_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.qkv_proj = QKVParallelLinear(hidden, head_dim, total_heads, total_kv_heads, qkv_bias, tp)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = head_dim
+        self.q_size = self.qkv_proj.q_size
+        self.kv_size = self.qkv_proj.kv_size
+        o_bias = bool(getattr(config, "attention_bias", False))
+        self.o_proj = RowParallelLinear(total_heads * head_dim, hidden, o_bias, tp)
+        rope = read_rope_config(config)
+        self.rotary_emb = RotaryEmbedding(
+            head_dim, config.max_position_embeddings, rope.theta, rope.rope_type, rope.params
+        )
+        if self.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        self.attn = RadixAttention(
+            self.num_heads, head_dim, head_dim**-0.5, self.num_kv_heads, layer_id
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q.flatten(1), k.flatten(1), v, batch)
+        return self.o_proj(out)
+
+
+class LlamaDecoderLayer(nn.Module):
+    attention_cls = LlamaAttention
+
+    def __init__(self, config: Any, layer_id: int, tp: TPContext, qkv_bias: bool) -> None:
+        super().__init__()
+        self.self_attn = self.attention_cls(config, layer_id, tp, qkv_bias)
+        self.mlp = LlamaMLP(
+            config.hidden_size,
+            config.intermediate_size,
+            bool(getattr(config, "mlp_bias", False)),
+            tp,
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, tp: TPContext, layer_cls: type[LlamaDecoderLayer], qkv_bias: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(
+            layer_cls(config, i, tp, qkv_bias) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    layer_cls = LlamaDecoderLayer
+
+    def __init__(self, config: Any, tp: TPContext | None = None) -> None:
+        super().__init__()
+        tp = tp or TPContext()
+        self.config = config
+        self.model = LlamaModel(config, tp, self.layer_cls, self.qkv_bias(config))
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.logits_processor = LogitsProcessor()
+
+    @staticmethod
+    def qkv_bias(config: Any) -> bool:
+        return bool(getattr(config, "attention_bias", False))
+
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch) -> LogitsProcessorOutput:
+        hidden = self.model(batch.input_ids, batch.positions, batch)
+        return self.logits_processor(hidden, self.lm_head, batch)
+
+    # checkpoint name fragment -> (our parameter fragment, shard id)
+    stacked_params = (
+        ("q_proj", "qkv_proj", "q"),
+        ("k_proj", "qkv_proj", "k"),
+        ("v_proj", "qkv_proj", "v"),
+        ("gate_proj", "gate_up_proj", 0),
+        ("up_proj", "gate_up_proj", 1),
+    )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors into our (fused, sharded) parameters.
+
+        Returns the checkpoint names that were used, so the loader can name
+        any that the checkpoint lacked (see `expected_checkpoint_names`).
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue  # some exporters save the rope buffer; we rebuild it
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            checkpoint_name = name
+            shard_id = None
+            for ckpt_part, our_part, sid in self.stacked_params:
+                if f".{ckpt_part}." in name:
+                    name, shard_id = name.replace(ckpt_part, our_part), sid
+                    break
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching model parameter")
+            owner = self.get_submodule(name.rsplit(".", 1)[0])
+            if hasattr(owner, "weight_loader"):
+                owner.weight_loader(param, tensor.to(param.dtype), shard_id)
+            else:
+                _copy_plain(param, tensor, name)
+            loaded.add(checkpoint_name)
+        return loaded
+
+    def expected_checkpoint_names(self) -> set[str]:
+        """Every tensor name a complete checkpoint for this model holds."""
+        names: set[str] = set()
+        for name, _ in self.named_parameters(remove_duplicate=False):
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            fused = [(c, o) for c, o, _ in self.stacked_params if f".{o}." in name]
+            names.update(name.replace(o, c) for c, o in fused) if fused else names.add(name)
+        return names
+
+
+def _copy_plain(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(
+            f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+        )
+    param.data.copy_(tensor)

@@ -1,0 +1,267 @@
+"""All server settings in one dataclass, turned into CLI flags generically.
+
+Each field carries its help text (and optional choices) in its metadata, so a
+new setting is one field here and nothing else. Lower packages never read
+flags: `ServerArgs` builds their small configs (e.g. `model_runner_config`).
+
+This module must stay light: the HTTP process imports it, so torch and
+`model_executor` are imported only inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model_executor.model_config import ModelRunnerConfig
+
+
+def _arg(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
+
+
+def _flag(name: str) -> str:
+    """The flag as the user types it, so error messages point at the right thing."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class ServerArgs:
+    # Model and tokenizer.
+    model_path: str = field(metadata={"help": "Checkpoint directory (HF layout) to serve."})
+    tokenizer_path: str | None = _arg(None, "Tokenizer directory; default: --model-path.")
+    dtype: str = _arg(
+        "auto", "Weight and activation dtype; auto uses the checkpoint's.",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    device: str | None = _arg(
+        None, "Device to run on; default: cuda if available, else cpu.", ("cpu", "cuda")
+    )
+    context_length: int | None = _arg(
+        None, "Max tokens per request (prompt + output); default: the model's limit."
+    )
+    trust_remote_code: bool = _arg(False, "Allow custom code from the checkpoint.")
+    skip_tokenizer_init: bool = _arg(False, "Do not load a tokenizer; requests pass token ids.")
+    served_model_name: str | None = _arg(
+        None, "Model name reported by the API; default: --model-path."
+    )
+
+    # Memory and batching.
+    page_size: int = _arg(1, "Tokens per KV-cache page.")
+    max_total_tokens: int | None = _arg(
+        None, "KV-cache capacity in tokens; default: sized from free memory."
+    )
+    mem_fraction_static: float = _arg(
+        0.88, "Fraction of GPU memory for weights plus KV cache, in (0, 1]."
+    )
+    max_running_requests: int = _arg(256, "Max requests in the running batch.")
+    max_prefill_tokens: int = _arg(16384, "Token budget of one prefill batch.")
+    chunked_prefill_size: int = _arg(
+        8192, "Split prompts longer than this across iterations; -1 or 0 disables."
+    )
+    schedule_policy: str = _arg(
+        "lpm", "Order of the waiting queue.", ("fcfs", "lpm", "dfs-weight")
+    )
+    disable_radix_cache: bool = _arg(False, "Do not share prefixes between requests.")
+    disable_overlap: bool = _arg(False, "Use the plain (non-overlapped) scheduler loop.")
+
+    # Kernels.
+    disable_cuda_graph: bool = _arg(False, "Run decode without CUDA graphs.")
+    cuda_graph_max_bs: int = _arg(64, "Largest decode batch size captured in a CUDA graph.")
+    attention_backend: str | None = _arg(
+        None,
+        "Attention kernels; default: torch_native on cpu, flashinfer on cuda "
+        "if installed, else triton.",
+        ("torch_native", "triton", "flashinfer"),
+    )
+
+    # Parallelism.
+    tp_size: int = _arg(1, "Tensor-parallel degree (one scheduler process per rank).")
+    nnodes: int = _arg(1, "Number of nodes.")
+    node_rank: int = _arg(0, "Rank of this node, in 0..nnodes-1.")
+    dist_init_addr: str | None = _arg(
+        None, "host:port for torch.distributed rendezvous; needed with --nnodes > 1."
+    )
+
+    # Serving.
+    host: str = _arg("127.0.0.1", "HTTP bind address.")
+    port: int = _arg(30000, "HTTP port.")
+    api_key: str | None = _arg(None, "If set, requests must send this bearer token.")
+    stream_interval: int = _arg(1, "Send a streaming chunk every N decoded tokens.")
+    random_seed: int = _arg(0, "Seed for sampling and weight init.")
+    log_level: str = _arg("info", "Logging level.", ("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_path is None:
+            self.tokenizer_path = self.model_path
+        if self.served_model_name is None:
+            self.served_model_name = self.model_path
+        if self.device is None:
+            self.device = _detect_device()
+        # Choices are checked here rather than by argparse so programmatic
+        # construction gets the same errors as the CLI.
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value is not None and value not in choices:
+                raise ValueError(
+                    f"{_flag(f.name)} must be one of {', '.join(choices)}; got {value!r}"
+                )
+        if self.attention_backend is None:
+            self.attention_backend = _default_attention_backend(self.device)
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in (
+            "page_size", "max_running_requests", "max_prefill_tokens",
+            "cuda_graph_max_bs", "tp_size", "nnodes", "stream_interval",
+        ):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{_flag(name)} must be >= 1, got {value}")
+        if self.context_length is not None and self.context_length < 1:
+            raise ValueError(f"--context-length must be >= 1, got {self.context_length}")
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            raise ValueError(
+                f"--max-total-tokens must be >= --page-size ({self.page_size}), "
+                f"got {self.max_total_tokens}"
+            )
+        if not 0.0 < self.mem_fraction_static <= 1.0:
+            raise ValueError(
+                f"--mem-fraction-static must be in (0, 1], got {self.mem_fraction_static}"
+            )
+        if self.chunked_prefill_size < -1:
+            raise ValueError(
+                "--chunked-prefill-size must be > 0, or -1 or 0 to disable; "
+                f"got {self.chunked_prefill_size}"
+            )
+        # A chunk boundary inside a page would leave a half-filled page owned
+        # by an unfinished request, which the paged allocator cannot share.
+        if self.chunked_prefill_enabled and self.chunked_prefill_size % self.page_size:
+            raise ValueError(
+                f"--chunked-prefill-size must be a multiple of --page-size "
+                f"({self.page_size}), got {self.chunked_prefill_size}"
+            )
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 1..65535, got {self.port}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(
+                f"--node-rank must be < --nnodes ({self.nnodes}) and >= 0, "
+                f"got {self.node_rank}"
+            )
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr host:port")
+        # Triton is allowed on cpu: the tests run its kernels under TRITON_INTERPRET=1.
+        if self.attention_backend == "flashinfer" and self.device != "cuda":
+            raise ValueError(
+                f"--attention-backend flashinfer requires --device cuda, got {self.device}"
+            )
+
+    @property
+    def chunked_prefill_enabled(self) -> bool:
+        return self.chunked_prefill_size > 0
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            flag = _flag(f.name)
+            help_text = f.metadata["help"]
+            base = _base_type(hints[f.name])
+            if base is bool:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+                continue
+            kwargs: dict[str, Any] = {"dest": f.name, "type": base, "help": help_text}
+            if f.default is MISSING:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = f.default
+            if "choices" in f.metadata:
+                # Shown in --help only; validated in __post_init__ for a uniform message.
+                kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+            parser.add_argument(flag, **kwargs)
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> ServerArgs:
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+    def model_runner_config(self, tp_rank: int = 0) -> ModelRunnerConfig:
+        # Imported here: model_executor pulls in torch, which the HTTP side avoids.
+        from model_executor.model_config import ModelRunnerConfig
+
+        if not 0 <= tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank must be in 0..{self.tp_size - 1}, got {tp_rank}")
+        assert self.device is not None and self.attention_backend is not None
+        return ModelRunnerConfig(
+            model_path=self.model_path,
+            dtype=self.dtype,
+            device=self.device,
+            context_length=self.context_length,
+            page_size=self.page_size,
+            max_total_tokens=self.max_total_tokens,
+            mem_fraction_static=self.mem_fraction_static,
+            max_running_requests=self.max_running_requests,
+            attention_backend=self.attention_backend,
+            disable_cuda_graph=self.disable_cuda_graph,
+            tp_size=self.tp_size,
+            tp_rank=tp_rank,
+            random_seed=self.random_seed,
+        )
+
+
+def _base_type(hint: Any) -> type:
+    """`X | None` -> X: the CLI parses the value; None only means "not given"."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported field type {hint!r}")
+        return args[0]
+    return hint
+
+
+def _detect_device() -> str:
+    # torch is imported only when the user left --device unset.
+    if importlib.util.find_spec("torch") is None:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _default_attention_backend(device: str) -> str:
+    if device == "cpu":
+        return "torch_native"
+    return "flashinfer" if importlib.util.find_spec("flashinfer") is not None else "triton"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime.launch_server",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ServerArgs.add_cli_args(parser)
+    return parser
+
+
+def prepare_server_args(argv: list[str]) -> ServerArgs:
+    """Parse flags; invalid values raise ValueError (argparse syntax errors still exit)."""
+    return ServerArgs.from_cli_args(make_parser().parse_args(argv))
+
+
+def parse_server_args_or_exit(argv: list[str] | None = None) -> ServerArgs:
+    """CLI entry: a bad value prints usage plus the message and exits with code 2."""
+    parser = make_parser()
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return ServerArgs.from_cli_args(ns)
+    except ValueError as e:
+        parser.error(str(e))

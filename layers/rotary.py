@@ -9,7 +9,7 @@ in fp32 and bf16 rounding matches too.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -82,17 +82,33 @@ class RotaryEmbedding(nn.Module):
             self._cast_cache[dtype] = tables
         return tables
 
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        """cos/sin rows for `positions` ([T]), shaped to broadcast over heads.
+
+        Done once per step by the model and shared by every layer.
+        """
+        cos_table, sin_table = self._tables(dtype)
+        return RopeTables(cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1))
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hkv, D], positions: [T]."""
-        cos_table, sin_table = self._tables(q.dtype)
-        cos = cos_table[positions].unsqueeze(1)
-        sin = sin_table[positions].unsqueeze(1)
-        return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        return apply_rotary(q, k, self.lookup(positions, q.dtype))
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+class RopeTables(NamedTuple):
+    cos: torch.Tensor  # [T, 1, D]
+    sin: torch.Tensor
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, tables: RopeTables
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotate(q, tables.cos, tables.sin), _rotate(k, tables.cos, tables.sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

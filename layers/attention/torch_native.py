@@ -100,8 +100,11 @@ class TorchNativeAttnBackend(AttentionBackend):
         keys = k_cache[meta.kv_slots].transpose(1, 2)  # [B, H_kv, max_len, D]
         values = v_cache[meta.kv_slots].transpose(1, 2)
 
-        queries = q.new_zeros(batch.batch_size, meta.max_new, layer.num_heads, head_dim)
-        queries[meta.token_batch, meta.token_offset] = q.view(-1, layer.num_heads, head_dim)
+        if meta.max_new == 1:  # decode: already one query row per sequence
+            queries = q.view(batch.batch_size, 1, layer.num_heads, head_dim)
+        else:
+            queries = q.new_zeros(batch.batch_size, meta.max_new, layer.num_heads, head_dim)
+            queries[meta.token_batch, meta.token_offset] = q.view(-1, layer.num_heads, head_dim)
         out = F.scaled_dot_product_attention(
             queries.transpose(1, 2).to(keys.dtype),
             keys,
@@ -110,5 +113,6 @@ class TorchNativeAttnBackend(AttentionBackend):
             scale=layer.scaling,
             enable_gqa=layer.num_heads != layer.num_kv_heads,
         )  # [B, H, max_new, D]
-        out = out.transpose(1, 2)[meta.token_batch, meta.token_offset]
+        out = out.transpose(1, 2)
+        out = out.reshape(batch.batch_size, -1) if meta.max_new == 1 else out[meta.token_batch, meta.token_offset]
         return out.reshape(-1, layer.num_heads * head_dim).to(q.dtype)

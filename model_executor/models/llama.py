@@ -23,9 +23,13 @@ from layers.layernorm import RMSNorm
 from layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, TPContext
 from layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
 from layers.radix_attention import RadixAttention
-from layers.rotary import RotaryEmbedding
+from layers.rotary import RopeTables, RotaryEmbedding, apply_rotary
 from model_executor.forward_batch import ForwardBatch
 from model_executor.model_config import read_rope_config
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class LlamaMLP(nn.Module):
@@ -47,7 +51,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         total_heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or hidden // total_heads
+        head_dim = head_dim_of(config)
         total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, total_heads, total_kv_heads, qkv_bias, tp)
         self.num_heads = self.qkv_proj.num_heads
@@ -57,10 +61,6 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.qkv_proj.kv_size
         o_bias = bool(getattr(config, "attention_bias", False))
         self.o_proj = RowParallelLinear(total_heads * head_dim, hidden, o_bias, tp)
-        rope = read_rope_config(config)
-        self.rotary_emb = RotaryEmbedding(
-            head_dim, config.max_position_embeddings, rope.theta, rope.rope_type, rope.params
-        )
         if self.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
@@ -68,7 +68,7 @@ class LlamaAttention(nn.Module):
             self.num_heads, head_dim, head_dim**-0.5, self.num_kv_heads, layer_id
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, rope: RopeTables, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
@@ -76,7 +76,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = apply_rotary(q, k, rope)
         out = self.attn(q.flatten(1), k.flatten(1), v, batch)
         return self.o_proj(out)
 
@@ -98,7 +98,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: RopeTables,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         batch: ForwardBatch,
@@ -108,7 +108,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, batch)
+        hidden = self.self_attn(rope, hidden, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -121,12 +121,18 @@ class LlamaModel(nn.Module):
             layer_cls(config, i, tp, qkv_bias) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        rope = read_rope_config(config)
+        # One table for all layers; each step looks its positions up once.
+        self.rotary_emb = RotaryEmbedding(
+            head_dim_of(config), config.max_position_embeddings, rope.theta, rope.rope_type, rope.params
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary_emb.lookup(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, batch)
+            hidden, residual = layer(rope, hidden, residual, batch)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

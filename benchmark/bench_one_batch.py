@@ -1,0 +1,165 @@
+"""Latency of one static batch: prefill, then decode step by step.
+
+    python -m benchmark.bench_one_batch --batch-size 16 --input-len 128 --output-len 128 --compare-hf
+
+Without --model-path it builds (once, cached) the `small` demo checkpoint.
+With --compare-hf, transformers runs the same checkpoint in the same process,
+alternating with ours round by round (A B A B ...), and the ratio of the two
+medians is printed: timings on a shared machine swing, side by side they
+stay comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from model_executor.batch_runner import BatchRunner
+from model_executor.model_config import ModelRunnerConfig, resolve_dtype
+from model_executor.model_runner import ModelRunner
+
+
+@dataclass
+class RoundResult:
+    prefill_s: float
+    decode_step_s: list[float]
+
+    @property
+    def median_step_ms(self) -> float:
+        return statistics.median(self.decode_step_s) * 1e3
+
+
+def random_prompts(batch_size: int, input_len: int, vocab_size: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    # Stay clear of the special tokens at the top of the vocabulary.
+    return torch.randint(0, vocab_size - 16, (batch_size, input_len), generator=generator)
+
+
+def run_ours(runner: ModelRunner, prompts: torch.Tensor, output_len: int) -> RoundResult:
+    batch = BatchRunner(runner)
+    seq_ids = [batch.add_sequence() for _ in range(prompts.shape[0])]
+    start = time.perf_counter()
+    out, _ = batch.extend(seq_ids, prompts.tolist())
+    next_ids = torch.argmax(out.next_token_logits, dim=-1)
+    prefill_s = time.perf_counter() - start
+    steps = []
+    for _ in range(output_len - 1):
+        start = time.perf_counter()
+        out, _ = batch.extend(seq_ids, next_ids.view(-1, 1).tolist())
+        next_ids = torch.argmax(out.next_token_logits, dim=-1)
+        steps.append(time.perf_counter() - start)
+    batch.release_all()
+    return RoundResult(prefill_s, steps)
+
+
+@torch.inference_mode()
+def run_hf(model, prompts: torch.Tensor, output_len: int) -> RoundResult:
+    """transformers' own decode loop: what `generate` does, minus its
+    per-step logits-processor bookkeeping (so the baseline is, if anything,
+    flattered)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    start = time.perf_counter()
+    out = model(input_ids=prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    next_ids = torch.argmax(out.logits[:, -1], dim=-1)
+    prefill_s = time.perf_counter() - start
+    steps = []
+    for _ in range(output_len - 1):
+        start = time.perf_counter()
+        out = model(input_ids=next_ids.view(-1, 1), past_key_values=cache, use_cache=True)
+        next_ids = torch.argmax(out.logits[:, -1], dim=-1)
+        steps.append(time.perf_counter() - start)
+    return RoundResult(prefill_s, steps)
+
+
+def summarize(name: str, rounds: list[RoundResult], batch_size: int, input_len: int) -> dict:
+    prefill = statistics.median(r.prefill_s for r in rounds)
+    step_ms = statistics.median(r.median_step_ms for r in rounds)
+    return {
+        "engine": name,
+        "prefill_ms": round(prefill * 1e3, 2),
+        "prefill_tok_per_s": round(batch_size * input_len / prefill, 1),
+        "median_decode_ms_per_step": round(step_ms, 3),
+        "decode_tok_per_s": round(batch_size / (step_ms / 1e3), 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", default=None, help="checkpoint dir; default: the small demo model")
+    parser.add_argument("--demo-arch", default="qwen3", choices=["qwen3", "qwen2", "llama"])
+    parser.add_argument("--demo-size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--attention-backend", default="torch_native")
+    parser.add_argument("--page-size", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per engine (after one warm-up)")
+    parser.add_argument("--compare-hf", action="store_true", help="also time transformers, alternating")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+
+    model_path = args.model_path
+    if model_path is None:
+        from runtime.demo_model import demo_model_path
+
+        model_path = str(demo_model_path(args.demo_arch, args.demo_size))
+    total = args.batch_size * (args.input_len + args.output_len)
+    runner = ModelRunner(
+        ModelRunnerConfig(
+            model_path=model_path,
+            dtype=args.dtype,
+            device=args.device,
+            page_size=args.page_size,
+            max_total_tokens=-(-total // args.page_size) * args.page_size + args.page_size * args.batch_size,
+            max_running_requests=args.batch_size,
+            attention_backend=args.attention_backend,
+            random_seed=args.seed,
+        )
+    )
+    prompts = random_prompts(args.batch_size, args.input_len, runner.model_config.vocab_size, args.seed)
+    engines = {"radixserve": lambda: run_ours(runner, prompts, args.output_len)}
+    if args.compare_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf_dtype = resolve_dtype(args.dtype, runner.model_config.hf_config)
+        hf_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=hf_dtype).to(args.device).eval()
+        hf_prompts = prompts.to(args.device)
+        engines["transformers"] = lambda: run_hf(hf_model, hf_prompts, args.output_len)
+
+    for run in engines.values():  # warm-up: first-call allocations, kernel selection
+        run()
+    rounds: dict[str, list[RoundResult]] = {name: [] for name in engines}
+    for _ in range(args.rounds):
+        for name, run in engines.items():
+            rounds[name].append(run())
+
+    rows = [summarize(name, r, args.batch_size, args.input_len) for name, r in rounds.items()]
+    result = {"config": {k: v for k, v in vars(args).items() if k != "json"} | {"model_path": model_path}, "results": rows}
+    if args.compare_hf:
+        ours, theirs = rows
+        result["decode_speedup_vs_hf"] = round(ours["decode_tok_per_s"] / theirs["decode_tok_per_s"], 3)
+        result["prefill_speedup_vs_hf"] = round(ours["prefill_tok_per_s"] / theirs["prefill_tok_per_s"], 3)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"batch {args.batch_size}, input {args.input_len}, output {args.output_len}, {args.dtype}, {args.device}, threads {torch.get_num_threads()}")
+        print(f"{'engine':<14}{'prefill ms':>12}{'prefill tok/s':>15}{'decode ms/step':>16}{'decode tok/s':>14}")
+        for row in rows:
+            print(f"{row['engine']:<14}{row['prefill_ms']:>12}{row['prefill_tok_per_s']:>15}{row['median_decode_ms_per_step']:>16}{row['decode_tok_per_s']:>14}")
+        if args.compare_hf:
+            print(f"decode speed-up vs transformers: {result['decode_speedup_vs_hf']}x; prefill: {result['prefill_speedup_vs_hf']}x")
+    return result
+
+
+if __name__ == "__main__":
+    main()

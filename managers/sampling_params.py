@@ -1,0 +1,66 @@
+"""Per-request sampling parameters.
+
+Lives in ``managers/`` because the tokenizer side validates them before a request
+is queued; it deliberately does not import torch so the HTTP process stays light.
+``layers/sampler.py`` reads these fields through its ``SamplingParamsLike`` protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 (or 0, normalised to -1) disables top-k
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        # OpenAI-style clients send top_k=0 for "disabled"; keep a single spelling.
+        if self.top_k == 0:
+            self.top_k = -1
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field and its allowed range."""
+        if self.top_k == 0:
+            self.top_k = -1
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # `not >=` also rejects NaN
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise ValueError(
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"
+            )
+        if not -2 <= self.presence_penalty <= 2:
+            raise ValueError(
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"
+            )
+        if not 0 < self.repetition_penalty <= 2:
+            raise ValueError(
+                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}"
+            )
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")

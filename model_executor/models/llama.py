@@ -47,6 +47,10 @@ class LlamaAttention(nn.Module):
     # Subclasses flip these; values for plain Llama.
     qk_norm = False
 
+    @staticmethod
+    def o_proj_bias(config: Any) -> bool:
+        return bool(getattr(config, "attention_bias", False))
+
     def __init__(self, config: Any, layer_id: int, tp: TPContext, qkv_bias: bool) -> None:
         super().__init__()
         hidden = config.hidden_size
@@ -59,8 +63,9 @@ class LlamaAttention(nn.Module):
         self.head_dim = head_dim
         self.q_size = self.qkv_proj.q_size
         self.kv_size = self.qkv_proj.kv_size
-        o_bias = bool(getattr(config, "attention_bias", False))
-        self.o_proj = RowParallelLinear(total_heads * head_dim, hidden, o_bias, tp)
+        self.o_proj = RowParallelLinear(
+            total_heads * head_dim, hidden, self.o_proj_bias(config), tp
+        )
         if self.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)

@@ -1,0 +1,27 @@
+# Set-up and test on a fresh machine: `make test`. Serve the demo model: `make serve`.
+# CONSTRAINTS pins the CPU torch wheel on CPU-only machines; on a GPU machine
+# with its own torch, run `make test CONSTRAINTS=`.
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints-cpu.txt
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test bench clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmark.bench_one_batch --batch-size 16 --input-len 128 --output-len 128 --compare-hf
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -46,6 +46,17 @@ def _divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
+def _take_shard(loaded: torch.Tensor, dim: int, index: int, size: int, full_size: int, name: str) -> torch.Tensor:
+    """Slice `index` (of width `size`) along `dim`, after checking the
+    checkpoint tensor has the full, unsharded width there."""
+    if loaded.dim() <= dim or loaded.shape[dim] != full_size:
+        raise ValueError(
+            f"shape mismatch loading {name}: checkpoint {tuple(loaded.shape)}, "
+            f"expected size {full_size} along dim {dim}"
+        )
+    return loaded.narrow(dim, index * size, size)
+
+
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     if param.shape != loaded.shape:
         raise ValueError(
@@ -79,7 +90,8 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         rows = param.shape[0]
-        _copy_checked(param, loaded.narrow(0, self.tp.rank * rows, rows), "column-parallel linear")
+        piece = _take_shard(loaded, 0, self.tp.rank, rows, rows * self.tp.size, "column-parallel linear")
+        _copy_checked(param, piece, "column-parallel linear")
 
 
 class MergedColumnParallelLinear(LinearBase):
@@ -90,8 +102,9 @@ class MergedColumnParallelLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
         size = self.shard_sizes[shard_id]
         offset = sum(self.shard_sizes[:shard_id])
-        piece = loaded.narrow(0, self.tp.rank * size, size)
-        _copy_checked(param.data.narrow(0, offset, size), piece, f"merged linear shard {shard_id}")
+        what = f"merged linear shard {shard_id}"
+        piece = _take_shard(loaded, 0, self.tp.rank, size, size * self.tp.size, what)
+        _copy_checked(param.data.narrow(0, offset, size), piece, what)
 
 
 class QKVParallelLinear(LinearBase):
@@ -120,12 +133,14 @@ class QKVParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
         if shard_id == "q":
-            offset, size, rank = 0, self.q_size, self.tp.rank
+            offset, size, rank, shards = 0, self.q_size, self.tp.rank, self.tp.size
         else:
             offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
             size, rank = self.kv_size, self.tp.rank // self.kv_replicas
-        piece = loaded.narrow(0, rank * size, size)
-        _copy_checked(param.data.narrow(0, offset, size), piece, f"qkv shard {shard_id}")
+            shards = self.tp.size // self.kv_replicas
+        what = f"qkv shard {shard_id}"
+        piece = _take_shard(loaded, 0, rank, size, size * shards, what)
+        _copy_checked(param.data.narrow(0, offset, size), piece, what)
 
 
 class RowParallelLinear(LinearBase):
@@ -137,7 +152,7 @@ class RowParallelLinear(LinearBase):
             _copy_checked(param, loaded, "row-parallel bias")
             return
         cols = param.shape[1]
-        piece = loaded.narrow(1, self.tp.rank * cols, cols)
+        piece = _take_shard(loaded, 1, self.tp.rank, cols, cols * self.tp.size, "row-parallel linear")
         _copy_checked(param, piece, "row-parallel linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -197,10 +197,13 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 raise ValueError(f"checkpoint tensor {name!r} has no matching model parameter")
             owner = self.get_submodule(name.rsplit(".", 1)[0])
-            if hasattr(owner, "weight_loader"):
-                owner.weight_loader(param, tensor.to(param.dtype), shard_id)
-            else:
-                _copy_plain(param, tensor, name)
+            try:
+                if hasattr(owner, "weight_loader"):
+                    owner.weight_loader(param, tensor.to(param.dtype), shard_id)
+                else:
+                    _copy_plain(param, tensor, name)
+            except ValueError as err:
+                raise ValueError(f"checkpoint tensor {checkpoint_name!r}: {err}") from err
             loaded.add(checkpoint_name)
         return loaded
 

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--page-size", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per engine (after one warm-up)")
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers, alternating")
+    parser.add_argument("--no-prepack", action="store_true", help="plain F.linear on CPU (A/B for layers/cpu_gemm.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_running_requests=args.batch_size,
             attention_backend=args.attention_backend,
             random_seed=args.seed,
+            cpu_weight_prepack=not args.no_prepack,
         )
     )
     prompts = random_prompts(args.batch_size, args.input_len, runner.model_config.vocab_size, args.seed)

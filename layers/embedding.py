@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layers.cpu_gemm import packed_linear, prepack_weight
 from layers.linear import TPContext
 
 
@@ -50,9 +51,17 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPContext) -> None:
         super().__init__(vocab_size, hidden_size, tp)
+        self.packed_weight: torch.Tensor | None = None
+
+    def prepack(self, batch_size_hint: int) -> None:
+        # A packed copy; the plain weight stays (it may be the tied embedding).
+        self.packed_weight = prepack_weight(self.weight, batch_size_hint)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.gather(F.linear(hidden, self.weight))
+        if self.packed_weight is not None:
+            logits = self.tp.gather(packed_linear(hidden, self.packed_weight, None))
+        else:
+            logits = self.tp.gather(F.linear(hidden, self.weight))
         return logits[..., : self.vocab_size]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

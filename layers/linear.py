@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layers.cpu_gemm import packed_linear, prepack_weight
+
 
 @dataclass(frozen=True)
 class TPContext:
@@ -74,9 +76,21 @@ class LinearBase(nn.Module):
         self.bias = (
             nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         )
+        self.packed_weight: torch.Tensor | None = None
+
+    def prepack(self, batch_size_hint: int) -> None:
+        """Switch to a oneDNN-packed copy of the weight (CPU bf16; see
+        layers/cpu_gemm.py). Call after loading: the plain weight is dropped."""
+        self.packed_weight = prepack_weight(self.weight, batch_size_hint)
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, bias)
+        return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -156,5 +170,5 @@ class RowParallelLinear(LinearBase):
         _copy_checked(param, piece, "row-parallel linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.reduce(F.linear(x, self.weight))
+        out = self.tp.reduce(self.matmul(x, None))
         return out if self.bias is None else out + self.bias

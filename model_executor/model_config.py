@@ -32,6 +32,8 @@ class ModelRunnerConfig:
     tp_size: int = 1
     tp_rank: int = 0
     random_seed: int = 0
+    # CPU bf16 only: pack linear weights into oneDNN's layout (layers/cpu_gemm.py).
+    cpu_weight_prepack: bool = True
 
 
 @dataclass

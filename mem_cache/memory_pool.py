@@ -129,8 +129,10 @@ class KVPool:
             k = k.to(self.dtype)
         if v.dtype != self.dtype:
             v = v.to(self.dtype)
-        k_buf[loc] = k
-        v_buf[loc] = v
+        # index_copy_ is a plain row scatter; `buf[loc] = x` goes through the
+        # general index_put path and is ~2x slower on CPU.
+        k_buf.index_copy_(0, loc, k)
+        v_buf.index_copy_(0, loc, v)
 
     @staticmethod
     def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

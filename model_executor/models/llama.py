@@ -75,15 +75,17 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope: RopeTables, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        tokens = qkv.shape[0]
+        heads, head_dim = self.num_heads, self.head_dim
+        # q and k are rotated as one [T, Hq + Hkv, D] tensor: half the ops.
+        qk = qkv[:, : self.q_size + self.kv_size].view(tokens, heads + self.num_kv_heads, head_dim)
+        v = qkv[:, self.q_size + self.kv_size :]
         if self.qk_norm:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = apply_rotary(q, k, rope)
-        out = self.attn(q.flatten(1), k.flatten(1), v, batch)
-        return self.o_proj(out)
+            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
+        qk = apply_rotary(qk, rope)
+        q = qk[:, :heads].reshape(tokens, self.q_size)
+        k = qk[:, heads:].reshape(tokens, self.kv_size)
+        return self.o_proj(self.attn(q, k, v, batch))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -63,8 +63,8 @@ class BatchRunner:
     ) -> tuple[LogitsProcessorOutput, ForwardBatch]:
         """Append `new_tokens[i]` to sequence `seq_ids[i]` and run the model.
 
-        A batch where every sequence gets exactly one token and already has
-        some cached runs as DECODE; anything else as EXTEND.
+        A sequence that gets one token on top of a cached prefix is decoding;
+        the batch runs as DECODE if all are, MIXED if some are, else EXTEND.
         """
         seqs = [self.sequences[i] for i in seq_ids]
         prefix_lens = [s.length for s in seqs]
@@ -82,9 +82,8 @@ class BatchRunner:
             seq.owned_slots.append(own)
             seq.length += n
             offset += n
-        is_decode = all(n == 1 for n in extend_lens) and all(prefix_lens)
         batch = ForwardBatch.build(
-            ForwardMode.DECODE if is_decode else ForwardMode.EXTEND,
+            _mode_for(prefix_lens, extend_lens),
             [t for tokens in new_tokens for t in tokens],
             [s.row for s in seqs],
             prefix_lens,
@@ -105,3 +104,10 @@ class BatchRunner:
     def release_all(self) -> None:
         for seq_id in list(self.sequences):
             self.release(seq_id)
+
+
+def _mode_for(prefix_lens: list[int], extend_lens: list[int]) -> ForwardMode:
+    decoding = [n == 1 and p > 0 for p, n in zip(prefix_lens, extend_lens)]
+    if all(decoding):
+        return ForwardMode.DECODE
+    return ForwardMode.MIXED if any(decoding) else ForwardMode.EXTEND

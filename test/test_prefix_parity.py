@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from model_executor.batch_runner import BatchRunner
+from model_executor.forward_batch import ForwardMode
 from model_helpers import make_prompts, make_runner
 
 # Same bound as the transformers parity: GEMMs over different row counts
@@ -84,7 +85,7 @@ def test_mixed_extend_and_decode_batch(tiny_qwen3, page_size):
     batch.extend(running, running_prompts)
     fresh = batch.add_sequence()
     out, fb = batch.extend(running + [fresh], next_tokens + [new_prompt])
-    assert fb.forward_mode.is_extend() and fb.extend_seq_lens_cpu == [1, 1, 25]
+    assert fb.forward_mode == ForwardMode.MIXED and fb.extend_seq_lens_cpu == [1, 1, 25]
     diff = (out.next_token_logits - torch.stack(expected)).abs().max().item()
     assert diff <= ATOL
     batch.release_all()

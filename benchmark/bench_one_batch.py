@@ -4,9 +4,9 @@
 
 Without --model-path it builds (once, cached) the `small` demo checkpoint.
 With --compare-hf, transformers runs the same checkpoint in the same process,
-alternating with ours round by round (A B A B ...), and the ratio of the two
-medians is printed: timings on a shared machine swing, side by side they
-stay comparable.
+alternating with ours step by step (prefill A, prefill B, then decode step A,
+step B, ...), and the ratio of the two medians is printed: timings on a
+shared machine swing, side by side they stay comparable.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,12 +27,18 @@ from model_executor.model_runner import ModelRunner
 
 @dataclass
 class RoundResult:
-    prefill_s: float
-    decode_step_s: list[float]
+    prefill_s: float = 0.0
+    decode_step_s: list[float] = field(default_factory=list)
 
     @property
     def median_step_ms(self) -> float:
         return statistics.median(self.decode_step_s) * 1e3
+
+
+# An engine run is a generator: it yields the prefill time, then one time per
+# decode step. The driver advances all engines in lock step, so a burst of
+# load on this shared machine hits both sides of the comparison alike.
+EngineRun = Iterator[float]
 
 
 def random_prompts(batch_size: int, input_len: int, vocab_size: int, seed: int) -> torch.Tensor:
@@ -40,42 +47,53 @@ def random_prompts(batch_size: int, input_len: int, vocab_size: int, seed: int) 
     return torch.randint(0, vocab_size - 16, (batch_size, input_len), generator=generator)
 
 
-def run_ours(runner: ModelRunner, prompts: torch.Tensor, output_len: int) -> RoundResult:
+def run_ours(runner: ModelRunner, prompts: torch.Tensor, output_len: int) -> EngineRun:
     batch = BatchRunner(runner)
     seq_ids = [batch.add_sequence() for _ in range(prompts.shape[0])]
     start = time.perf_counter()
     out, _ = batch.extend(seq_ids, prompts.tolist())
     next_ids = torch.argmax(out.next_token_logits, dim=-1)
-    prefill_s = time.perf_counter() - start
-    steps = []
+    yield time.perf_counter() - start
     for _ in range(output_len - 1):
         start = time.perf_counter()
         out, _ = batch.extend(seq_ids, next_ids.view(-1, 1).tolist())
         next_ids = torch.argmax(out.next_token_logits, dim=-1)
-        steps.append(time.perf_counter() - start)
+        yield time.perf_counter() - start
     batch.release_all()
-    return RoundResult(prefill_s, steps)
 
 
-@torch.inference_mode()
-def run_hf(model, prompts: torch.Tensor, output_len: int) -> RoundResult:
+def run_hf(model, prompts: torch.Tensor, output_len: int) -> EngineRun:
     """transformers' own decode loop: what `generate` does, minus its
     per-step logits-processor bookkeeping (so the baseline is, if anything,
     flattered)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    start = time.perf_counter()
-    out = model(input_ids=prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    next_ids = torch.argmax(out.logits[:, -1], dim=-1)
-    prefill_s = time.perf_counter() - start
-    steps = []
-    for _ in range(output_len - 1):
+    with torch.inference_mode():
+        cache = DynamicCache()
         start = time.perf_counter()
-        out = model(input_ids=next_ids.view(-1, 1), past_key_values=cache, use_cache=True)
+        out = model(input_ids=prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
         next_ids = torch.argmax(out.logits[:, -1], dim=-1)
-        steps.append(time.perf_counter() - start)
-    return RoundResult(prefill_s, steps)
+        yield time.perf_counter() - start
+        for _ in range(output_len - 1):
+            start = time.perf_counter()
+            out = model(input_ids=next_ids.view(-1, 1), past_key_values=cache, use_cache=True)
+            next_ids = torch.argmax(out.logits[:, -1], dim=-1)
+            yield time.perf_counter() - start
+
+
+def run_round(engines: dict[str, Callable[[], EngineRun]]) -> dict[str, RoundResult]:
+    runs = {name: start() for name, start in engines.items()}
+    results = {name: RoundResult() for name in engines}
+    for name, run in runs.items():
+        results[name].prefill_s = next(run)
+    while runs:
+        for name in list(runs):
+            step = next(runs[name], None)
+            if step is None:
+                del runs[name]
+            else:
+                results[name].decode_step_s.append(step)
+    return results
 
 
 def summarize(name: str, rounds: list[RoundResult], batch_size: int, input_len: int) -> dict:
@@ -102,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--attention-backend", default="torch_native")
     parser.add_argument("--page-size", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per engine (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per engine (after one warm-up)")
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers, alternating")
     parser.add_argument("--no-prepack", action="store_true", help="plain F.linear on CPU (A/B for layers/cpu_gemm.py)")
     parser.add_argument("--seed", type=int, default=0)
@@ -138,18 +156,25 @@ def main(argv: list[str] | None = None) -> dict:
         hf_prompts = prompts.to(args.device)
         engines["transformers"] = lambda: run_hf(hf_model, hf_prompts, args.output_len)
 
-    for run in engines.values():  # warm-up: first-call allocations, kernel selection
-        run()
+    run_round(engines)  # warm-up: first-call allocations, kernel selection
     rounds: dict[str, list[RoundResult]] = {name: [] for name in engines}
     for _ in range(args.rounds):
-        for name, run in engines.items():
-            rounds[name].append(run())
+        for name, result in run_round(engines).items():
+            rounds[name].append(result)
 
     rows = [summarize(name, r, args.batch_size, args.input_len) for name, r in rounds.items()]
     result = {"config": {k: v for k, v in vars(args).items() if k != "json"} | {"model_path": model_path}, "results": rows}
     if args.compare_hf:
         ours, theirs = rows
         result["decode_speedup_vs_hf"] = round(ours["decode_tok_per_s"] / theirs["decode_tok_per_s"], 3)
+        # Steps i of both engines ran back to back: the median of their
+        # per-step ratios is the comparison least moved by load swings.
+        paired = [
+            theirs_step / ours_step
+            for ours_round, theirs_round in zip(rounds["radixserve"], rounds["transformers"])
+            for ours_step, theirs_step in zip(ours_round.decode_step_s, theirs_round.decode_step_s)
+        ]
+        result["decode_paired_step_ratio"] = round(statistics.median(paired), 3)
         result["prefill_speedup_vs_hf"] = round(ours["prefill_tok_per_s"] / theirs["prefill_tok_per_s"], 3)
     if args.json:
         print(json.dumps(result))
@@ -159,7 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
         for row in rows:
             print(f"{row['engine']:<14}{row['prefill_ms']:>12}{row['prefill_tok_per_s']:>15}{row['median_decode_ms_per_step']:>16}{row['decode_tok_per_s']:>14}")
         if args.compare_hf:
-            print(f"decode speed-up vs transformers: {result['decode_speedup_vs_hf']}x; prefill: {result['prefill_speedup_vs_hf']}x")
+            print(
+                f"decode speed-up vs transformers: {result['decode_speedup_vs_hf']}x "
+                f"(median of paired per-step ratios: {result['decode_paired_step_ratio']}x); "
+                f"prefill: {result['prefill_speedup_vs_hf']}x"
+            )
     return result
 
 

@@ -33,6 +33,7 @@ class _StepMetadata:
     token_batch: torch.Tensor  # [num_tokens] which sequence each new token is in
     token_offset: torch.Tensor  # [num_tokens] its index among that sequence's new tokens
     max_new: int
+    decode_bias: torch.Tensor | None = None  # additive form of `mask`, built on first decode use
 
 
 class TorchNativeAttnBackend(AttentionBackend):
@@ -100,8 +101,8 @@ class TorchNativeAttnBackend(AttentionBackend):
         keys = _gather_slots(k_cache, meta.kv_slots)  # [B, H_kv, max_len, D]
         values = _gather_slots(v_cache, meta.kv_slots)
 
-        if meta.max_new == 1:  # decode: already one query row per sequence
-            queries = q.view(batch.batch_size, 1, layer.num_heads, head_dim)
+        if meta.max_new == 1:
+            return self._decode(q, keys, values, layer, batch.batch_size, meta)
         else:
             queries = q.new_zeros(batch.batch_size, meta.max_new, layer.num_heads, head_dim)
             queries[meta.token_batch, meta.token_offset] = q.view(-1, layer.num_heads, head_dim)
@@ -113,9 +114,24 @@ class TorchNativeAttnBackend(AttentionBackend):
             scale=layer.scaling,
             enable_gqa=layer.num_heads != layer.num_kv_heads,
         )  # [B, H, max_new, D]
-        out = out.transpose(1, 2)
-        out = out.reshape(batch.batch_size, -1) if meta.max_new == 1 else out[meta.token_batch, meta.token_offset]
+        out = out.transpose(1, 2)[meta.token_batch, meta.token_offset]
         return out.reshape(-1, layer.num_heads * head_dim).to(q.dtype)
+
+    @staticmethod
+    def _decode(q, keys, values, layer, batch_size: int, meta: _StepMetadata) -> torch.Tensor:
+        """One query per sequence: fold each KV head's query heads into the
+        query-length axis ([B, H_kv, group, D]) so SDPA needs no GQA expansion,
+        with an additive float mask (both measurably faster on CPU)."""
+        group = layer.num_heads // layer.num_kv_heads
+        queries = q.view(batch_size, layer.num_kv_heads, group, layer.head_dim).to(keys.dtype)
+        if meta.decode_bias is None or meta.decode_bias.dtype != keys.dtype:
+            meta.decode_bias = torch.zeros(
+                meta.mask.shape, dtype=keys.dtype, device=keys.device
+            ).masked_fill_(~meta.mask, float("-inf"))
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=meta.decode_bias, scale=layer.scaling
+        )  # [B, H_kv, group, D]; head h = kv_head * group + g, as GQA defines it
+        return out.reshape(batch_size, layer.num_heads * layer.head_dim).to(q.dtype)
 
 
 def _gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

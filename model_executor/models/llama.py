@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from layers.activation import SiluAndMul
@@ -73,6 +74,24 @@ class LlamaAttention(nn.Module):
             self.num_heads, head_dim, head_dim**-0.5, self.num_kv_heads, layer_id
         )
 
+    def _stacked_qk_norm_weight(self) -> torch.Tensor:
+        """[Hq + Hkv, D]: q_norm's weight for query heads, k_norm's for key heads.
+
+        Cached; rebuilt if either weight is written again (its version moves).
+        """
+        versions = (self.q_norm.weight._version, self.k_norm.weight._version)
+        cached = getattr(self, "_qk_weight_cache", None)
+        if cached is None or cached[0] != versions:
+            stacked = torch.cat(
+                (
+                    self.q_norm.weight.expand(self.num_heads, -1),
+                    self.k_norm.weight.expand(self.num_kv_heads, -1),
+                )
+            )
+            cached = (versions, stacked)
+            self._qk_weight_cache = cached
+        return cached[1]
+
     def forward(self, rope: RopeTables, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         tokens = qkv.shape[0]
@@ -81,7 +100,9 @@ class LlamaAttention(nn.Module):
         qk = qkv[:, : self.q_size + self.kv_size].view(tokens, heads + self.num_kv_heads, head_dim)
         v = qkv[:, self.q_size + self.kv_size :]
         if self.qk_norm:
-            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
+            # One norm over all q and k heads, then each head's own weight.
+            qk = F.rms_norm(qk, (head_dim,), None, self.q_norm.variance_epsilon)
+            qk = qk * self._stacked_qk_norm_weight()
         qk = apply_rotary(qk, rope)
         q = qk[:, :heads].reshape(tokens, self.q_size)
         k = qk[:, heads:].reshape(tokens, self.kv_size)

@@ -49,6 +49,7 @@ class ForwardBatch:
     extend_prefix_lens: torch.Tensor  # [B] int64
     extend_seq_lens: torch.Tensor  # [B] int64
     # Host copies: backends size their metadata from these without a device sync.
+    req_pool_indices_cpu: list[int]
     seq_lens_cpu: list[int]
     extend_prefix_lens_cpu: list[int]
     extend_seq_lens_cpu: list[int]
@@ -107,6 +108,7 @@ class ForwardBatch:
             seq_lens=to_device(seq_lens),
             extend_prefix_lens=to_device(prefix_lens),
             extend_seq_lens=to_device(extend_lens),
+            req_pool_indices_cpu=list(req_pool_indices),
             seq_lens_cpu=seq_lens,
             extend_prefix_lens_cpu=prefix_lens,
             extend_seq_lens_cpu=extend_lens,

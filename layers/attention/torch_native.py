@@ -7,8 +7,9 @@ scattered into [B, max_new, H, D]; each sequence's keys/values (cached prefix
 and the tokens just written) are gathered from the pool through
 `req_to_token` into [B, max_len, H_kv, D]; a boolean mask allows key j for
 query i of sequence b iff j <= prefix_len[b] + i and j < seq_len[b]. Decode is
-the max_new == 1 case. The gather indices and the mask are built once per
-step and shared by all layers.
+the max_new == 1 case, and reads its keys from `DecodeKVStaging` while the
+same batch keeps decoding. Indices and masks are built once per step and
+shared by all layers.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from layers.attention.base import AttentionBackend
+from layers.attention.decode_staging import DecodeKVStaging
 
 if TYPE_CHECKING:
     from layers.radix_attention import RadixAttention
     from model_executor.forward_batch import ForwardBatch
+
+DEFAULT_STAGING_BYTES = 512 << 20
 
 
 @dataclass
@@ -32,13 +36,15 @@ class _StepMetadata:
     mask: torch.Tensor  # [B, 1, max_new, max_len] bool, True = attend
     token_batch: torch.Tensor  # [num_tokens] which sequence each new token is in
     token_offset: torch.Tensor  # [num_tokens] its index among that sequence's new tokens
+    max_len: int
     max_new: int
     decode_bias: torch.Tensor | None = None  # additive form of `mask`, built on first decode use
 
 
 class TorchNativeAttnBackend(AttentionBackend):
-    def __init__(self) -> None:
+    def __init__(self, staging_bytes: int = DEFAULT_STAGING_BYTES) -> None:
         self.metadata: _StepMetadata | None = None
+        self.staging = DecodeKVStaging(staging_bytes)
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         device = batch.seq_lens.device
@@ -46,8 +52,7 @@ class TorchNativeAttnBackend(AttentionBackend):
         max_new = max(batch.extend_seq_lens_cpu)
         assert batch.req_to_token_pool is not None
         columns = torch.arange(max_len, device=device)
-        seq_lens = batch.seq_lens.unsqueeze(1)
-        in_sequence = columns.unsqueeze(0) < seq_lens  # [B, max_len]
+        in_sequence = columns.unsqueeze(0) < batch.seq_lens.unsqueeze(1)  # [B, max_len]
         rows = batch.req_to_token_pool.req_to_token[batch.req_pool_indices, :max_len]
         kv_slots = torch.where(in_sequence, rows.to(torch.int64), 0)
 
@@ -69,43 +74,22 @@ class TorchNativeAttnBackend(AttentionBackend):
             mask=mask.unsqueeze(1),
             token_batch=token_batch,
             token_offset=token_offset,
+            max_len=max_len,
             max_new=max_new,
         )
+        if batch.forward_mode.is_decode():
+            self.staging.begin_decode_step(
+                batch.req_pool_indices_cpu, batch.seq_lens_cpu, batch.seq_lens
+            )
+        else:
+            self.staging.reset()
 
     def forward_extend(self, q, k, v, layer, batch, save_kv_cache=True):
-        return self._attend(q, k, v, layer, batch, save_kv_cache)
-
-    def forward_decode(self, q, k, v, layer, batch, save_kv_cache=True):
-        return self._attend(q, k, v, layer, batch, save_kv_cache)
-
-    def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        layer: RadixAttention,
-        batch: ForwardBatch,
-        save_kv_cache: bool,
-    ) -> torch.Tensor:
-        meta = self.metadata
-        assert meta is not None and batch.kv_pool is not None
+        meta = self._write_kv(k, v, layer, batch, save_kv_cache)
+        keys, values = self._gather(layer, batch)
         head_dim = layer.head_dim
-        if save_kv_cache:
-            batch.kv_pool.set_kv_buffer(
-                layer.layer_id,
-                batch.out_cache_loc,
-                k.view(-1, layer.num_kv_heads, head_dim),
-                v.view(-1, layer.num_kv_heads, head_dim),
-            )
-        k_cache, v_cache = batch.kv_pool.get_kv_buffer(layer.layer_id)
-        keys = _gather_slots(k_cache, meta.kv_slots)  # [B, H_kv, max_len, D]
-        values = _gather_slots(v_cache, meta.kv_slots)
-
-        if meta.max_new == 1:
-            return self._decode(q, keys, values, layer, batch.batch_size, meta)
-        else:
-            queries = q.new_zeros(batch.batch_size, meta.max_new, layer.num_heads, head_dim)
-            queries[meta.token_batch, meta.token_offset] = q.view(-1, layer.num_heads, head_dim)
+        queries = q.new_zeros(batch.batch_size, meta.max_new, layer.num_heads, head_dim)
+        queries[meta.token_batch, meta.token_offset] = q.view(-1, layer.num_heads, head_dim)
         out = F.scaled_dot_product_attention(
             queries.transpose(1, 2).to(keys.dtype),
             keys,
@@ -117,12 +101,22 @@ class TorchNativeAttnBackend(AttentionBackend):
         out = out.transpose(1, 2)[meta.token_batch, meta.token_offset]
         return out.reshape(-1, layer.num_heads * head_dim).to(q.dtype)
 
-    @staticmethod
-    def _decode(q, keys, values, layer, batch_size: int, meta: _StepMetadata) -> torch.Tensor:
-        """One query per sequence: fold each KV head's query heads into the
-        query-length axis ([B, H_kv, group, D]) so SDPA needs no GQA expansion,
-        with an additive float mask (both measurably faster on CPU)."""
-        group = layer.num_heads // layer.num_kv_heads
+    def forward_decode(self, q, k, v, layer, batch, save_kv_cache=True):
+        """One query per sequence: each KV head's query heads are folded into
+        the query-length axis ([B, H_kv, group, D]) so SDPA needs no GQA
+        expansion, with an additive float mask (both measurably faster on CPU)."""
+        meta = self._write_kv(k, v, layer, batch, save_kv_cache)
+        staged = None
+        if save_kv_cache:
+            staged = self.staging.layer_kv(
+                layer.layer_id,
+                lambda: self._gather(layer, batch),
+                k.view(-1, layer.num_kv_heads, layer.head_dim),
+                v.view(-1, layer.num_kv_heads, layer.head_dim),
+                meta.max_len,
+            )
+        keys, values = staged if staged is not None else self._gather(layer, batch)
+        batch_size, group = batch.batch_size, layer.num_heads // layer.num_kv_heads
         queries = q.view(batch_size, layer.num_kv_heads, group, layer.head_dim).to(keys.dtype)
         if meta.decode_bias is None or meta.decode_bias.dtype != keys.dtype:
             meta.decode_bias = torch.zeros(
@@ -133,12 +127,30 @@ class TorchNativeAttnBackend(AttentionBackend):
         )  # [B, H_kv, group, D]; head h = kv_head * group + g, as GQA defines it
         return out.reshape(batch_size, layer.num_heads * layer.head_dim).to(q.dtype)
 
+    def _write_kv(self, k, v, layer: RadixAttention, batch: ForwardBatch, save: bool) -> _StepMetadata:
+        meta = self.metadata
+        assert meta is not None and batch.kv_pool is not None
+        if save:
+            batch.kv_pool.set_kv_buffer(
+                layer.layer_id,
+                batch.out_cache_loc,
+                k.view(-1, layer.num_kv_heads, layer.head_dim),
+                v.view(-1, layer.num_kv_heads, layer.head_dim),
+            )
+        return meta
+
+    def _gather(self, layer: RadixAttention, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's keys and values from the pool: [B, H_kv, max_len, D]."""
+        assert self.metadata is not None and batch.kv_pool is not None
+        k_cache, v_cache = batch.kv_pool.get_kv_buffer(layer.layer_id)
+        return _gather_slots(k_cache, self.metadata.kv_slots), _gather_slots(v_cache, self.metadata.kv_slots)
+
 
 def _gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """cache [num_slots, H, D], slots [B, L] -> [B, H, L, D].
 
     An embedding lookup on the flattened rows: ~3x faster on CPU than
-    advanced indexing with a 2-D index, and this runs twice per layer.
+    advanced indexing with a 2-D index.
     """
     num_slots, heads, head_dim = cache.shape
     rows = F.embedding(slots, cache.view(num_slots, heads * head_dim))

@@ -108,7 +108,18 @@ def summarize(name: str, rounds: list[RoundResult], batch_size: int, input_len: 
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def paired_ratio(ours: list[RoundResult], other: list[RoundResult]) -> float:
+    """Median over decode steps of other's time / ours: step i of both ran
+    back to back, so this is the comparison least moved by load swings."""
+    ratios = [
+        other_step / ours_step
+        for ours_round, other_round in zip(ours, other)
+        for ours_step, other_step in zip(ours_round.decode_step_s, other_round.decode_step_s)
+    ]
+    return round(statistics.median(ratios), 3)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", default=None, help="checkpoint dir; default: the small demo model")
     parser.add_argument("--demo-arch", default="qwen3", choices=["qwen3", "qwen2", "llama"])
@@ -120,34 +131,62 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--attention-backend", default="torch_native")
     parser.add_argument("--page-size", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per engine (after one warm-up)")
-    parser.add_argument("--compare-hf", action="store_true", help="also time transformers, alternating")
-    parser.add_argument("--no-prepack", action="store_true", help="plain F.linear on CPU (A/B for layers/cpu_gemm.py)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up)")
+    parser.add_argument("--compare-hf", action="store_true", help="also time transformers, in lock step")
+    parser.add_argument(
+        "--ablate",
+        action="append",
+        default=[],
+        choices=sorted(ABLATIONS),
+        help="also time radixserve with this optimisation off, in lock step (repeatable)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args(argv)
+    return parser
 
+
+# name -> (ModelRunnerConfig overrides, torch-native staging budget or None for the default)
+ABLATIONS = {
+    "prepack": ({"cpu_weight_prepack": False}, None),
+    "staging": ({}, 0),
+}
+
+
+def make_runner(args: argparse.Namespace, model_path: str, overrides: dict, staging_bytes: int | None) -> ModelRunner:
+    total = args.batch_size * (args.input_len + args.output_len)
+    config = ModelRunnerConfig(
+        model_path=model_path,
+        dtype=args.dtype,
+        device=args.device,
+        page_size=args.page_size,
+        max_total_tokens=-(-total // args.page_size) * args.page_size + args.page_size * args.batch_size,
+        max_running_requests=args.batch_size,
+        attention_backend=args.attention_backend,
+        random_seed=args.seed,
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    runner = ModelRunner(config)
+    if staging_bytes is not None:
+        from layers.attention.torch_native import TorchNativeAttnBackend
+
+        runner.attn_backend = TorchNativeAttnBackend(staging_bytes=staging_bytes)
+    return runner
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     model_path = args.model_path
     if model_path is None:
         from runtime.demo_model import demo_model_path
 
         model_path = str(demo_model_path(args.demo_arch, args.demo_size))
-    total = args.batch_size * (args.input_len + args.output_len)
-    runner = ModelRunner(
-        ModelRunnerConfig(
-            model_path=model_path,
-            dtype=args.dtype,
-            device=args.device,
-            page_size=args.page_size,
-            max_total_tokens=-(-total // args.page_size) * args.page_size + args.page_size * args.batch_size,
-            max_running_requests=args.batch_size,
-            attention_backend=args.attention_backend,
-            random_seed=args.seed,
-            cpu_weight_prepack=not args.no_prepack,
-        )
-    )
+    runner = make_runner(args, model_path, {}, None)
     prompts = random_prompts(args.batch_size, args.input_len, runner.model_config.vocab_size, args.seed)
     engines = {"radixserve": lambda: run_ours(runner, prompts, args.output_len)}
+    for name in args.ablate:
+        ablated = make_runner(args, model_path, *ABLATIONS[name])
+        engines[f"no-{name}"] = lambda r=ablated: run_ours(r, prompts, args.output_len)
     if args.compare_hf:
         from transformers import AutoModelForCausalLM
 
@@ -163,31 +202,30 @@ def main(argv: list[str] | None = None) -> dict:
             rounds[name].append(result)
 
     rows = [summarize(name, r, args.batch_size, args.input_len) for name, r in rounds.items()]
-    result = {"config": {k: v for k, v in vars(args).items() if k != "json"} | {"model_path": model_path}, "results": rows}
-    if args.compare_hf:
-        ours, theirs = rows
-        result["decode_speedup_vs_hf"] = round(ours["decode_tok_per_s"] / theirs["decode_tok_per_s"], 3)
-        # Steps i of both engines ran back to back: the median of their
-        # per-step ratios is the comparison least moved by load swings.
-        paired = [
-            theirs_step / ours_step
-            for ours_round, theirs_round in zip(rounds["radixserve"], rounds["transformers"])
-            for ours_step, theirs_step in zip(ours_round.decode_step_s, theirs_round.decode_step_s)
-        ]
-        result["decode_paired_step_ratio"] = round(statistics.median(paired), 3)
-        result["prefill_speedup_vs_hf"] = round(ours["prefill_tok_per_s"] / theirs["prefill_tok_per_s"], 3)
+    ours = rows[0]
+    for row in rows[1:]:
+        row["ours_decode_speedup"] = round(ours["decode_tok_per_s"] / row["decode_tok_per_s"], 3)
+        row["ours_decode_speedup_paired"] = paired_ratio(rounds["radixserve"], rounds[row["engine"]])
+        row["ours_prefill_speedup"] = round(ours["prefill_tok_per_s"] / row["prefill_tok_per_s"], 3)
+    config = {k: v for k, v in vars(args).items() if k != "json"} | {"model_path": model_path}
+    result = {"config": config, "threads": torch.get_num_threads(), "results": rows}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"batch {args.batch_size}, input {args.input_len}, output {args.output_len}, {args.dtype}, {args.device}, threads {torch.get_num_threads()}")
-        print(f"{'engine':<14}{'prefill ms':>12}{'prefill tok/s':>15}{'decode ms/step':>16}{'decode tok/s':>14}")
+        print(
+            f"batch {args.batch_size}, input {args.input_len}, output {args.output_len}, "
+            f"{args.dtype}, {args.device}, threads {torch.get_num_threads()}"
+        )
+        print(
+            f"{'engine':<14}{'prefill ms':>12}{'prefill tok/s':>15}{'decode ms/step':>16}"
+            f"{'decode tok/s':>14}{'ours/it decode':>16}{'paired':>8}{'ours/it prefill':>17}"
+        )
         for row in rows:
-            print(f"{row['engine']:<14}{row['prefill_ms']:>12}{row['prefill_tok_per_s']:>15}{row['median_decode_ms_per_step']:>16}{row['decode_tok_per_s']:>14}")
-        if args.compare_hf:
             print(
-                f"decode speed-up vs transformers: {result['decode_speedup_vs_hf']}x "
-                f"(median of paired per-step ratios: {result['decode_paired_step_ratio']}x); "
-                f"prefill: {result['prefill_speedup_vs_hf']}x"
+                f"{row['engine']:<14}{row['prefill_ms']:>12}{row['prefill_tok_per_s']:>15}"
+                f"{row['median_decode_ms_per_step']:>16}{row['decode_tok_per_s']:>14}"
+                f"{row.get('ours_decode_speedup', ''):>16}{row.get('ours_decode_speedup_paired', ''):>8}"
+                f"{row.get('ours_prefill_speedup', ''):>17}"
             )
     return result
 

@@ -71,7 +71,12 @@ class BatchRunner:
         extend_lens = [len(t) for t in new_tokens]
         seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
         table = self.runner.req_to_token_pool.req_to_token
-        last_locs = [int(table[s.row, s.length - 1]) if s.length else -1 for s in seqs]
+        # Slot of each sequence's last cached token (-1 if none): the paged
+        # allocator continues a partly filled page from there.
+        rows = torch.tensor([s.row for s in seqs], device=table.device)
+        last = torch.tensor([max(s.length - 1, 0) for s in seqs], device=table.device)
+        has_prefix = torch.tensor([s.length > 0 for s in seqs], device=table.device)
+        last_locs = torch.where(has_prefix, table[rows, last].long(), -1).cpu()
         slots = self.runner.token_to_kv_pool_allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
         if slots is None:
             raise RuntimeError("out of KV cache slots")

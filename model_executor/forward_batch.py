@@ -85,9 +85,7 @@ class ForwardBatch:
         prefix_lens = list(prefix_lens)
         extend_lens = list(extend_lens)
         seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
-        positions = torch.cat(
-            [torch.arange(p, s, dtype=torch.int64) for p, s in zip(prefix_lens, seq_lens)]
-        )
+        positions = _positions(prefix_lens, extend_lens)
         if not isinstance(input_ids, torch.Tensor):
             input_ids = torch.tensor(list(input_ids), dtype=torch.int64)
         if input_ids.shape[0] != positions.shape[0]:
@@ -115,3 +113,13 @@ class ForwardBatch:
             sampling_info=sampling_info,
             return_all_logits=return_all_logits,
         )
+
+
+def _positions(prefix_lens: list[int], extend_lens: list[int]) -> torch.Tensor:
+    """Positions of the new tokens: prefix_len[i] .. seq_len[i]-1 for each i,
+    concatenated (vectorised: a decode batch of hundreds builds this each step)."""
+    extend = torch.tensor(extend_lens, dtype=torch.int64)
+    start = torch.tensor(prefix_lens, dtype=torch.int64)
+    first_token = torch.cumsum(extend, 0) - extend  # index of each sequence's first new token
+    offset_in_seq = torch.arange(int(extend.sum())) - torch.repeat_interleave(first_token, extend)
+    return torch.repeat_interleave(start, extend) + offset_in_seq

@@ -119,7 +119,8 @@ class ModelRunner:
         if tokens < page:
             raise RuntimeError(
                 f"not enough memory for the KV cache (capacity {tokens} tokens); "
-                "lower --mem-fraction-static's complement, --context-length, or set --max-total-tokens"
+                "raise the memory fraction, lower the context length or the number of "
+                "running requests, or set the KV capacity explicitly (max_total_tokens)"
             )
         return tokens
 

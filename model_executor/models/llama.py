@@ -237,7 +237,10 @@ class LlamaForCausalLM(nn.Module):
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
             fused = [(c, o) for c, o, _ in self.stacked_params if f".{o}." in name]
-            names.update(name.replace(o, c) for c, o in fused) if fused else names.add(name)
+            if fused:
+                names.update(name.replace(ours, theirs) for theirs, ours in fused)
+            else:
+                names.add(name)
         return names
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
+    min_new_tokens: int = 0  # EOS and stop tokens/strings are ignored until this many
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 (or 0, normalised to -1) disables top-k
@@ -42,6 +43,11 @@ class SamplingParams:
             self.top_k = -1
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}"
+            )
         if not self.temperature >= 0:  # `not >=` also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

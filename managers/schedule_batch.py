@@ -1,0 +1,215 @@
+"""`Req` (one request's scheduling state) and `ScheduleBatch` (one iteration's
+requests plus the KV bookkeeping that turns them into a `ForwardBatch`).
+
+KV ownership: a request's row in `req_to_token` maps its positions to KV
+slots. The first `len(prefix_indices)` of them are shared from the radix
+cache (locked through `last_node`); the rest were allocated for this request
+and are handed to the cache (or freed) when it finishes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from layers.sampler import SamplingBatchInfo
+from managers.io_struct import FinishReason
+from managers.sampling_params import SamplingParams
+from mem_cache.allocator import TokenToKVPoolAllocator
+from mem_cache.memory_pool import ReqToTokenPool
+from model_executor.forward_batch import ForwardBatch, ForwardMode
+
+EMPTY_SLOTS = torch.empty(0, dtype=torch.int64)
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    origin_input_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    output_ids: list[int] = field(default_factory=list)
+    # KV bookkeeping (see the module docstring).
+    req_pool_idx: int | None = None
+    prefix_indices: torch.Tensor = EMPTY_SLOTS
+    last_node: Any = None
+    fill_ids: list[int] = field(default_factory=list)  # tokens whose KV is (being) computed
+    extend_input_len: int = 0  # new tokens in this iteration's extend
+    kv_committed_len: int = 0  # positions whose KV is in the pool
+    is_chunked: bool = False  # mid chunked prefill
+    pending_placeholder: int | None = None  # overlap: id standing for a token not yet read back
+    # Outcome and accounting.
+    finished_reason: FinishReason | None = None
+    to_abort: bool = False
+    cached_tokens: int = 0  # prompt tokens served from the radix cache (first admission)
+    retractions: int = 0
+    reported_len: int = 0  # output ids already sent out
+    hidden: bool = False  # internal (e.g. the prompt warm-up of an n > 1 request): never reported
+    waits_for: Req | None = None  # not schedulable until this request finishes
+    created_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens in the sequence, counting one still being computed (overlap)."""
+        pending = self.pending_placeholder is not None
+        return len(self.origin_input_ids) + len(self.output_ids) + pending
+
+    def last_token_id(self) -> int:
+        """Input of this request's next decode step (a placeholder under overlap)."""
+        if self.pending_placeholder is not None:
+            return self.pending_placeholder
+        return self.output_ids[-1]
+
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    def init_next_round_input(self) -> None:
+        """Tokens to compute KV for: the prompt plus any output kept across a retraction."""
+        self.fill_ids = self.origin_input_ids + self.output_ids
+
+    def check_finished(self, tokenizer: Any | None) -> None:
+        """Stop conditions, after a new output token was appended."""
+        if self.finished():
+            return
+        params = self.sampling_params
+        if len(self.output_ids) >= params.max_new_tokens:
+            self.finished_reason = FinishReason("length", params.max_new_tokens)
+            return
+        if len(self.output_ids) < params.min_new_tokens:
+            return
+        last = self.output_ids[-1]
+        if not params.ignore_eos and last in self.eos_token_ids:
+            self.finished_reason = FinishReason("stop", last)
+        elif params.stop_token_ids and last in params.stop_token_ids:
+            self.finished_reason = FinishReason("stop", last)
+        elif params.stop and tokenizer is not None:
+            # Decode only the tail that could hold a stop string; a token is at
+            # least one character, give or take split multi-byte characters.
+            tail_tokens = max(len(s) for s in params.stop) + 4
+            tail = tokenizer.decode(self.output_ids[-tail_tokens:])
+            for stop in params.stop:
+                if stop in tail:
+                    self.finished_reason = FinishReason("stop", stop)
+                    return
+
+
+class ScheduleBatch:
+    """Requests run together in one iteration, and their KV allocation."""
+
+    def __init__(
+        self,
+        reqs: list[Req],
+        req_to_token_pool: ReqToTokenPool,
+        allocator: TokenToKVPoolAllocator,
+        device: torch.device,
+        vocab_size: int,
+    ) -> None:
+        self.reqs = reqs
+        self.req_to_token_pool = req_to_token_pool
+        self.allocator = allocator
+        self.device = device
+        self.vocab_size = vocab_size
+        self.forward_mode = ForwardMode.EXTEND
+        self.decoding: list[bool] = []  # per req: a 1-token decode inside a MIXED batch
+        # Per req: this extend is a non-final chunk of its prompt (recorded here
+        # because under overlap the request moves on before the result is read).
+        self.partial_chunk: list[bool] = []
+        self.out_cache_loc: torch.Tensor = EMPTY_SLOTS
+        self.input_ids: list[int] | torch.Tensor = []
+        self.prefix_lens: list[int] = []
+        self.extend_lens: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    def is_empty(self) -> bool:
+        return not self.reqs
+
+    # -- preparing an iteration ------------------------------------------------
+
+    def prepare_for_extend(self, decode_reqs: list[Req] | None = None) -> bool:
+        """Allocate KV for each request's `extend_input_len` new tokens, plus one
+        for each of `decode_reqs` (running requests that join as 1-token extends:
+        a MIXED batch). Returns False, allocating nothing, if slots are short."""
+        decode_reqs = decode_reqs or []
+        reqs = self.reqs + decode_reqs
+        prefix_lens, extend_lens, input_ids = [], [], []
+        for req in self.reqs:
+            prefix_lens.append(req.kv_committed_len)
+            extend_lens.append(req.extend_input_len)
+            input_ids.extend(req.fill_ids[req.kv_committed_len : req.kv_committed_len + req.extend_input_len])
+        for req in decode_reqs:
+            prefix_lens.append(req.seq_len - 1)
+            extend_lens.append(1)
+            input_ids.append(req.last_token_id())
+        if not self._allocate(reqs, prefix_lens, extend_lens):
+            return False
+        self.reqs = reqs
+        self.decoding = [False] * (len(reqs) - len(decode_reqs)) + [True] * len(decode_reqs)
+        self.partial_chunk = [r.is_chunked for r in self.reqs[: len(reqs) - len(decode_reqs)]]
+        self.partial_chunk += [False] * len(decode_reqs)
+        self.forward_mode = ForwardMode.MIXED if decode_reqs else ForwardMode.EXTEND
+        self.input_ids, self.prefix_lens, self.extend_lens = input_ids, prefix_lens, extend_lens
+        return True
+
+    def prepare_for_decode(self, input_ids: list[int] | torch.Tensor) -> bool:
+        """One new token per request; `input_ids` may hold overlap placeholders."""
+        prefix_lens = [req.seq_len - 1 for req in self.reqs]
+        if not self._allocate(self.reqs, prefix_lens, [1] * len(self.reqs)):
+            return False
+        self.forward_mode = ForwardMode.DECODE
+        self.decoding = [True] * len(self.reqs)
+        self.partial_chunk = [False] * len(self.reqs)
+        self.input_ids, self.prefix_lens, self.extend_lens = input_ids, prefix_lens, [1] * len(self.reqs)
+        return True
+
+    def _allocate(self, reqs: list[Req], prefix_lens: list[int], extend_lens: list[int]) -> bool:
+        table = self.req_to_token_pool.req_to_token
+        seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+        last_locs = [int(table[r.req_pool_idx, p - 1]) if p else -1 for r, p in zip(reqs, prefix_lens)]
+        slots = self.allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
+        if slots is None:
+            return False
+        offset = 0
+        for req, start, n in zip(reqs, prefix_lens, extend_lens):
+            table[req.req_pool_idx, start : start + n] = slots[offset : offset + n].to(table.device, torch.int32)
+            req.kv_committed_len = start + n
+            offset += n
+        self.out_cache_loc = slots
+        return True
+
+    def new_tokens_needed(self, decode_reqs: list[Req]) -> int:
+        """Upper bound on slots `prepare_for_*` will take (page rounding included)."""
+        page = self.allocator.page_size
+        return sum(-(-r.extend_input_len // page) * page for r in self.reqs) + page * len(decode_reqs)
+
+    def forward_batch(self) -> ForwardBatch:
+        info = SamplingBatchInfo.build(
+            [r.sampling_params for r in self.reqs],
+            self.vocab_size,
+            self.device,
+            prompt_ids=[r.origin_input_ids for r in self.reqs],
+            output_ids=[r.output_ids for r in self.reqs],
+        )
+        return ForwardBatch.build(
+            self.forward_mode,
+            self.input_ids,
+            [r.req_pool_idx for r in self.reqs],
+            self.prefix_lens,
+            self.extend_lens,
+            self.out_cache_loc,
+            self.device,
+            sampling_info=info,
+        )
+
+    # -- batch membership --------------------------------------------------------
+
+    def filter(self, keep: list[Req]) -> None:
+        self.reqs = keep
+
+    def merge(self, other: ScheduleBatch) -> None:
+        self.reqs = self.reqs + [r for r in other.reqs if r not in self.reqs]

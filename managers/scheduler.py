@@ -1,0 +1,385 @@
+"""The scheduler: turns a stream of requests into batches, one iteration at a time.
+
+Each iteration (`step`):
+1. aborts take effect (their KV returns to the pool / cache);
+2. the next batch is chosen: a prefill of newly admitted requests (or the
+   next chunk of a chunked prompt), with every running decode riding along
+   as a 1-token extend (a MIXED batch) so decodes never stall behind a
+   stream of prompts; else a plain decode of the running requests (evicting
+   cache leaves, then retracting requests, if KV slots are short);
+3. the batch runs; its sampled tokens are appended, stop conditions checked,
+   finished requests leave (their KV is handed to the radix cache).
+
+With overlap (the default), step 3 for batch N happens after batch N+1 was
+launched: batch N+1 refers to N's not-yet-known tokens by placeholder ids
+(see `tp_worker.OverlapTpWorker`), so the CPU plans while the model runs.
+Request state is therefore one step behind; a request that turns out to
+have finished in batch N has already run one extra token in batch N+1,
+which is discarded and its KV released with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from managers.io_struct import AbortReq, BatchTokenIDOut, FinishReason, TokenizedGenerateReq
+from managers.schedule_batch import EMPTY_SLOTS, Req, ScheduleBatch
+from managers.schedule_policy import AddResult, PrefillAdder, SchedulePolicy
+from managers.tp_worker import OverlapTpWorker, SyncExecutor, TpModelWorker
+from mem_cache.radix_cache import NoSharingCache, RadixCache
+from model_executor.model_config import ModelRunnerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerConfig:
+    max_prefill_tokens: int = 16384
+    chunked_prefill_size: int | None = 8192  # None: no chunking
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    enable_overlap: bool = True
+    # Share of running requests' remaining max_new_tokens reserved when
+    # admitting new ones (an estimate; retraction corrects a wrong one).
+    new_token_ratio: float = 0.5
+
+
+@dataclass
+class _InFlight:
+    batch: ScheduleBatch
+    placeholders: torch.Tensor | None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner_config: ModelRunnerConfig,
+        config: SchedulerConfig,
+        tokenizer: Any | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer  # for stop strings only
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.worker = TpModelWorker(runner_config)
+        runner = self.worker.model_runner
+        self.device = runner.device
+        self.vocab_size = runner.model_config.vocab_size
+        self.context_len = runner.model_config.context_len
+        self.page_size = runner_config.page_size
+        self.max_running_requests = runner_config.max_running_requests
+        self.req_to_token_pool = runner.req_to_token_pool
+        self.allocator = runner.token_to_kv_pool_allocator
+        self.capacity = runner.max_total_num_tokens
+        cache_cls = NoSharingCache if config.disable_radix_cache else RadixCache
+        self.tree_cache = cache_cls(self.req_to_token_pool, self.allocator, self.page_size)
+        self.policy = SchedulePolicy(config.schedule_policy, self.tree_cache)
+        self.executor = (
+            OverlapTpWorker(self.worker, self.max_running_requests)
+            if config.enable_overlap
+            else SyncExecutor(self.worker)
+        )
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked_req: Req | None = None
+        self.inflight: _InFlight | None = None
+        self.requests: dict[str, Req] = {}
+        self.pending_output = BatchTokenIDOut()
+        self.num_retractions = 0
+
+    # -- requests in -------------------------------------------------------------
+
+    def add_request(self, msg: TokenizedGenerateReq) -> None:
+        params = msg.sampling_params
+        req = Req(msg.rid, list(msg.input_ids), params, eos_token_ids=self.eos_token_ids)
+        self.requests[req.rid] = req
+        limit = min(self.capacity, self.context_len)
+        reason = None
+        if not req.origin_input_ids:
+            reason = "the prompt is empty"
+        elif len(req.origin_input_ids) + params.max_new_tokens > limit:
+            reason = (
+                f"prompt ({len(req.origin_input_ids)} tokens) + max_new_tokens "
+                f"({params.max_new_tokens}) exceeds the limit of {limit} tokens "
+                f"(context length {self.context_len}, KV capacity {self.capacity})"
+            )
+        if reason is not None:
+            req.finished_reason = FinishReason("abort", message=reason)
+            self._report(req)
+            return
+        req.init_next_round_input()
+        self.waiting.append(req)
+
+    def abort_request(self, msg: AbortReq) -> None:
+        req = self.requests.get(msg.rid)
+        if req is not None and not req.finished():
+            req.to_abort = True
+
+    def flush_cache(self) -> bool:
+        """Drop the radix cache; only when nothing is queued or running."""
+        if not self.is_idle():
+            return False
+        self.tree_cache.reset()
+        return True
+
+    def is_idle(self) -> bool:
+        return not (self.waiting or self.running or self.chunked_req or self.inflight)
+
+    # -- the loop ----------------------------------------------------------------
+
+    def step(self) -> BatchTokenIDOut:
+        """One iteration; returns what it produced for the detokenizer."""
+        self._apply_aborts()
+        batch = self._next_batch()
+        launched = None
+        if batch is not None:
+            placeholders = self.executor.launch(batch.forward_batch())
+            self._on_launch(batch, placeholders)
+            launched = _InFlight(batch, placeholders)
+        if self.config.enable_overlap:
+            if self.inflight is not None:
+                self._process_result(self.inflight, self.executor.result(), launched)
+            self.inflight = launched
+        elif launched is not None:
+            self._process_result(launched, self.executor.result(), None)
+        out, self.pending_output = self.pending_output, BatchTokenIDOut()
+        return out
+
+    def run_until_idle(self, max_steps: int = 100_000) -> list[BatchTokenIDOut]:
+        outputs = []
+        for _ in range(max_steps):
+            outputs.append(self.step())
+            if self.is_idle():
+                outputs.append(self.step())  # flush anything reported last
+                return outputs
+        raise RuntimeError(f"scheduler not idle after {max_steps} steps")
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    # -- choosing the batch ------------------------------------------------------
+
+    def _next_batch(self) -> ScheduleBatch | None:
+        decodes = [r for r in self.running if not r.finished()]
+        prefill = self._admit_prefill(decodes)
+        if prefill is not None:
+            return prefill
+        if not decodes:
+            return None
+        decodes = self._ensure_decode_room(decodes)
+        batch = self._new_batch(decodes)
+        inputs = torch.tensor([r.last_token_id() for r in decodes], dtype=torch.int64)
+        if not batch.prepare_for_decode(inputs):
+            raise RuntimeError("decode could not allocate KV after retraction")  # a bug, not load
+        return batch
+
+    def _admit_prefill(self, decodes: list[Req]) -> ScheduleBatch | None:
+        chunk_budget = None
+        if self.config.chunked_prefill_size is not None:
+            chunk_budget = self.config.chunked_prefill_size - len(decodes)
+            if chunk_budget <= 0:
+                return None
+        reserve = PrefillAdder.reserve_for_running(decodes, self.config.new_token_ratio)
+        adder = PrefillAdder(
+            rem_total_tokens=self.allocator.available_size() + self.tree_cache.evictable_size() - reserve,
+            rem_input_tokens=self.config.max_prefill_tokens,
+            rem_chunk_tokens=chunk_budget,
+            page_size=self.page_size,
+        )
+        admitted: list[Req] = []
+        continuing = self.chunked_req
+        if continuing is not None:
+            self.chunked_req = None
+            continuing.init_next_round_input()
+            adder.add_one_req(continuing, continuing.kv_committed_len)
+            if adder.can_run:
+                admitted.append(continuing)
+            else:
+                self.chunked_req = continuing
+        slots_left = self.max_running_requests - len(decodes) - len(admitted)
+        if self.chunked_req is None and adder.new_chunked_req is None:
+            for req in self.policy.order([r for r in self.waiting if self._schedulable(r)]):
+                if slots_left <= 0 or self.req_to_token_pool.available_size() <= 0:
+                    break
+                # At least one token must be computed to sample from.
+                match = self.tree_cache.match_prefix(req.fill_ids[:-1])
+                result = adder.add_one_req(req, len(match.indices))
+                if adder.can_run and adder.can_run[-1] is req:
+                    self._start(req, match)
+                    admitted.append(req)
+                    slots_left -= 1
+                if result != AddResult.CONTINUE:
+                    break
+        if not admitted:
+            return None
+        batch = self._new_batch(admitted)
+        needed = batch.new_tokens_needed(decodes)
+        if self.allocator.available_size() < needed:
+            self.tree_cache.evict(needed - self.allocator.available_size())
+        if not batch.prepare_for_extend(decodes):
+            self._unadmit([r for r in admitted if r is not continuing])
+            if continuing in admitted:
+                self.chunked_req = continuing
+            return None
+        self.waiting = [r for r in self.waiting if r not in admitted]
+        return batch
+
+    def _schedulable(self, req: Req) -> bool:
+        return req.waits_for is None or req.waits_for.finished()
+
+    def _start(self, req: Req, match) -> None:
+        """Give an admitted request its row and lock its cached prefix."""
+        req.req_pool_idx = self.req_to_token_pool.alloc(1)[0]
+        req.prefix_indices, req.last_node = match.indices, match.last_node
+        self.tree_cache.inc_lock_ref(match.last_node)
+        n = len(match.indices)
+        if n:
+            self.req_to_token_pool.req_to_token[req.req_pool_idx, :n] = match.indices.to(torch.int32)
+        req.kv_committed_len = n
+        if req.retractions == 0:
+            req.cached_tokens = n
+            self.tree_cache.record_hit(n, len(req.fill_ids))
+
+    def _unadmit(self, reqs: list[Req]) -> None:
+        """Undo `_start` for requests whose batch could not get KV slots."""
+        for req in reqs:
+            self.tree_cache.dec_lock_ref(req.last_node)
+            self.req_to_token_pool.free(req.req_pool_idx)
+            req.req_pool_idx, req.prefix_indices, req.last_node = None, EMPTY_SLOTS, None
+
+    def _ensure_decode_room(self, decodes: list[Req]) -> list[Req]:
+        """Evict cache leaves, then retract requests, until every decode has a slot."""
+        needed = self.page_size * len(decodes)
+        if self.allocator.available_size() < needed:
+            self.tree_cache.evict(needed - self.allocator.available_size())
+        # Fewest generated tokens first (least work lost), then the longest prompt.
+        order = sorted(decodes, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
+        while self.allocator.available_size() < self.page_size * len(decodes) and len(decodes) > 1:
+            victim = order.pop(0)
+            decodes.remove(victim)
+            self._retract(victim)
+            if self.allocator.available_size() < self.page_size * len(decodes):
+                self.tree_cache.evict(self.page_size * len(decodes) - self.allocator.available_size())
+        return decodes
+
+    def _retract(self, req: Req) -> None:
+        """Free a running request's KV and queue it again with its progress."""
+        self._free_own_kv(req)
+        self.running.remove(req)
+        req.retractions += 1
+        self.num_retractions += 1
+        req.init_next_round_input()
+        self.waiting.insert(0, req)
+        logger.info("retracted %s after %d tokens to free KV", req.rid, len(req.output_ids))
+
+    def _free_own_kv(self, req: Req) -> None:
+        shared = len(req.prefix_indices) // self.page_size * self.page_size
+        own = self.req_to_token_pool.req_to_token[req.req_pool_idx, shared : req.kv_committed_len]
+        if own.numel():
+            self.allocator.free(own.to(torch.int64))
+        self.tree_cache.dec_lock_ref(req.last_node)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.req_pool_idx, req.prefix_indices, req.last_node = None, EMPTY_SLOTS, None
+        req.kv_committed_len = 0
+        req.pending_placeholder = None
+
+    def _new_batch(self, reqs: list[Req]) -> ScheduleBatch:
+        return ScheduleBatch(reqs, self.req_to_token_pool, self.allocator, self.device, self.vocab_size)
+
+    # -- results -----------------------------------------------------------------
+
+    def _on_launch(self, batch: ScheduleBatch, placeholders: torch.Tensor | None) -> None:
+        """State moves as if the batch had already run (overlap plans ahead)."""
+        for i, (req, decoding, partial) in enumerate(zip(batch.reqs, batch.decoding, batch.partial_chunk)):
+            if partial:
+                self.chunked_req = req
+                continue
+            if placeholders is not None:
+                req.pending_placeholder = int(placeholders[i])
+            if not decoding and req not in self.running:
+                self.running.append(req)
+
+    def _process_result(self, done: _InFlight, next_ids: torch.Tensor, next_batch: _InFlight | None) -> None:
+        batch, ids = done.batch, next_ids.tolist()
+        placeholders = done.placeholders.tolist() if done.placeholders is not None else [None] * len(ids)
+        in_next = set(map(id, next_batch.batch.reqs)) if next_batch is not None else set()
+        for req, partial, token, placeholder in zip(batch.reqs, batch.partial_chunk, ids, placeholders):
+            if req.finished():
+                # Finished in the previous batch; this one ran a spare token.
+                if id(req) not in in_next:
+                    self._release(req)
+                continue
+            if partial:
+                if not self.config.enable_overlap:
+                    self.tree_cache.cache_unfinished_req(req)
+                continue
+            if req.sampling_params.max_new_tokens == 0:
+                req.finished_reason = FinishReason("length", 0)  # prefill only
+            else:
+                req.output_ids.append(token)
+                if req.pending_placeholder == placeholder:  # else a later batch's is pending
+                    req.pending_placeholder = None
+                if req.first_token_at is None:
+                    req.first_token_at = time.monotonic()
+                req.check_finished(self.tokenizer)
+                if req in self.waiting:
+                    # Retracted while this batch ran: the token stands, and
+                    # the re-prefill must include it.
+                    req.init_next_round_input()
+            if req.finished():
+                self.running = [r for r in self.running if r is not req]
+                self.waiting = [r for r in self.waiting if r is not req]
+                if id(req) not in in_next:
+                    self._release(req)
+            self._report(req)
+
+    def _release(self, req: Req) -> None:
+        """A finished (or aborted) request gives back its row and its KV: to
+        the radix cache when its whole sequence has KV, else to the pool."""
+        if req.req_pool_idx is None:
+            return
+        full = len(req.origin_input_ids) + len(req.output_ids)
+        if req.kv_committed_len < full - 1:  # aborted before its prefill completed
+            self._free_own_kv(req)
+            return
+        if req.kv_committed_len == full:
+            # Overlap ran one spare step after the finish: its KV slot sits
+            # past what the cache takes. Free it unless it shares a page with
+            # the tail the cache frees anyway.
+            if (full - 1) % self.page_size == 0:
+                spare = self.req_to_token_pool.req_to_token[req.req_pool_idx, full - 1 : full]
+                self.allocator.free(spare.to(torch.int64))
+        self.tree_cache.cache_finished_req(req)
+        req.req_pool_idx = None
+        req.pending_placeholder = None
+
+    def _apply_aborts(self) -> None:
+        inflight = set(map(id, self.inflight.batch.reqs)) if self.inflight is not None else set()
+        for req in [r for r in self.requests.values() if r.to_abort and not r.finished()]:
+            req.finished_reason = FinishReason("abort", message="aborted by the client")
+            self.waiting = [r for r in self.waiting if r is not req]
+            self.running = [r for r in self.running if r is not req]
+            if self.chunked_req is req:
+                self.chunked_req = None
+            if id(req) not in inflight:
+                self._release(req)
+            self._report(req)
+
+    def _report(self, req: Req) -> None:
+        if req.hidden:
+            return
+        out = self.pending_output
+        out.rids.append(req.rid)
+        out.new_token_ids.append(req.output_ids[req.reported_len :])
+        req.reported_len = len(req.output_ids)
+        out.finished_reasons.append(req.finished_reason)
+        out.prompt_tokens.append(len(req.origin_input_ids))
+        out.completion_tokens.append(len(req.output_ids))
+        out.cached_tokens.append(req.cached_tokens)
+        if req.finished():
+            self.requests.pop(req.rid, None)

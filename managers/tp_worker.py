@@ -1,0 +1,101 @@
+"""Runs batches on the model: directly, or on a worker thread for overlap.
+
+`TpModelWorker` is the synchronous form: forward, sample, return the ids.
+
+`OverlapTpWorker` runs the same on its own thread (on a GPU it would be its
+own stream; on CPU a thread plays that part). `launch` returns at once with
+placeholder ids for the batch's next tokens: negative numbers that index a
+device-side future map. The scheduler may feed them to the next batch as
+input ids before they are known; the worker swaps them for the real ids on
+the device right before that batch runs. `result()` hands back the oldest
+launched batch's ids, in order.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+
+from model_executor.forward_batch import ForwardBatch
+from model_executor.model_config import ModelRunnerConfig
+from model_executor.model_runner import ModelRunner
+
+
+class TpModelWorker:
+    def __init__(self, config: ModelRunnerConfig) -> None:
+        self.model_runner = ModelRunner(config)
+
+    def forward_batch_generation(self, batch: ForwardBatch) -> torch.Tensor:
+        logits = self.model_runner.forward(batch)
+        return self.model_runner.sample(logits, batch)
+
+
+class SyncExecutor:
+    """Plain loop: the batch runs inside `launch`."""
+
+    def __init__(self, worker: TpModelWorker) -> None:
+        self.worker = worker
+        self._results: list[torch.Tensor] = []
+
+    def launch(self, batch: ForwardBatch) -> torch.Tensor | None:
+        self._results.append(self.worker.forward_batch_generation(batch).cpu())
+        return None
+
+    def result(self) -> torch.Tensor:
+        return self._results.pop(0)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class OverlapTpWorker:
+    def __init__(self, worker: TpModelWorker, max_batch_size: int) -> None:
+        self.worker = worker
+        device = worker.model_runner.device
+        # Slots are reused round-robin; a placeholder is read by the very next
+        # batch, so room for a few batches in flight is plenty.
+        self.map_size = 4 * max_batch_size + 1
+        self.future_token_ids = torch.zeros(self.map_size, dtype=torch.int64, device=device)
+        self.next_slot = 1  # slot 0 unused: placeholder -0 would be ambiguous
+        self.max_batch_size = max_batch_size
+        self.inputs: queue.Queue = queue.Queue()
+        self.outputs: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="overlap-forward", daemon=True)
+        self.thread.start()
+
+    def launch(self, batch: ForwardBatch) -> torch.Tensor:
+        size = batch.batch_size
+        if self.next_slot + size > self.map_size:
+            self.next_slot = 1
+        slots = torch.arange(self.next_slot, self.next_slot + size, dtype=torch.int64)
+        self.next_slot += size
+        self.inputs.put((batch, slots))
+        return -slots
+
+    def result(self) -> torch.Tensor:
+        out = self.outputs.get()
+        if isinstance(out, BaseException):
+            raise RuntimeError("forward failed on the overlap worker thread") from out
+        return out
+
+    def shutdown(self) -> None:
+        self.inputs.put(None)
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            item = self.inputs.get()
+            if item is None:
+                return
+            batch, slots = item
+            try:
+                ids = batch.input_ids
+                placeholder = ids < 0
+                batch.input_ids = torch.where(placeholder, self.future_token_ids[(-ids).clamp_(min=0)], ids)
+                next_ids = self.worker.forward_batch_generation(batch)
+                self.future_token_ids[slots.to(next_ids.device)] = next_ids
+                self.outputs.put(next_ids.cpu())
+            except BaseException as err:  # surface it on the scheduler thread
+                self.outputs.put(err)

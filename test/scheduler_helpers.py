@@ -1,0 +1,81 @@
+"""Drive an in-process Scheduler and collect what it reports."""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass, field
+
+from managers.io_struct import TokenizedGenerateReq
+from managers.sampling_params import SamplingParams
+from managers.scheduler import Scheduler, SchedulerConfig
+from model_executor.model_config import ModelRunnerConfig
+
+
+@dataclass
+class Outcome:
+    output_ids: list[int] = field(default_factory=list)
+    finish: object = None
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def make_scheduler(
+    path: pathlib.Path | str,
+    *,
+    overlap: bool = False,
+    page_size: int = 1,
+    chunk: int | None = None,
+    radix: bool = True,
+    max_total_tokens: int = 8192,
+    max_running: int = 32,
+    policy: str = "lpm",
+    max_prefill_tokens: int = 16384,
+    tokenizer=None,
+    eos: frozenset[int] = frozenset(),
+) -> Scheduler:
+    runner_config = ModelRunnerConfig(
+        model_path=str(path),
+        dtype="float32",
+        page_size=page_size,
+        max_total_tokens=max_total_tokens,
+        max_running_requests=max_running,
+    )
+    config = SchedulerConfig(
+        max_prefill_tokens=max_prefill_tokens,
+        chunked_prefill_size=chunk,
+        schedule_policy=policy,
+        disable_radix_cache=not radix,
+        enable_overlap=overlap,
+    )
+    return Scheduler(runner_config, config, tokenizer=tokenizer, eos_token_ids=eos)
+
+
+def collect(outcomes: dict[str, Outcome], out) -> None:
+    for rid, new, finish, completion, cached in zip(
+        out.rids, out.new_token_ids, out.finished_reasons, out.completion_tokens, out.cached_tokens
+    ):
+        outcome = outcomes.setdefault(rid, Outcome())
+        outcome.output_ids.extend(new)
+        outcome.finish = finish
+        outcome.cached_tokens = cached
+        outcome.completion_tokens = completion
+
+
+def run(sched: Scheduler, requests: list[tuple[str, list[int], SamplingParams]]) -> dict[str, Outcome]:
+    outcomes: dict[str, Outcome] = {}
+    for rid, ids, params in requests:
+        sched.add_request(TokenizedGenerateReq(rid, ids, params))
+    for out in sched.run_until_idle():
+        collect(outcomes, out)
+    return outcomes
+
+
+def assert_no_leak(sched: Scheduler) -> None:
+    assert sched.is_idle()
+    assert sched.flush_cache()
+    assert sched.allocator.available_size() == sched.capacity
+    assert sched.req_to_token_pool.available_size() == sched.req_to_token_pool.size
+
+
+def greedy(max_new: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new, temperature=0.0, **kw)

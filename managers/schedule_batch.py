@@ -195,6 +195,9 @@ class ScheduleBatch:
             prompt_ids=[r.origin_input_ids for r in self.reqs],
             output_ids=[r.output_ids for r in self.reqs],
         )
+        # Under overlap a request's newest token may still be in flight; the
+        # seeded sampler must count it (same draws as the plain loop).
+        info.output_lens = [len(r.output_ids) + (r.pending_placeholder is not None) for r in self.reqs]
         return ForwardBatch.build(
             self.forward_mode,
             self.input_ids,

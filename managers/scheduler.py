@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from managers.io_struct import AbortReq, BatchTokenIDOut, FinishReason, TokenizedGenerateReq
 from managers.schedule_batch import EMPTY_SLOTS, Req, ScheduleBatch
+from managers.sampling_params import SamplingParams
 from managers.schedule_policy import AddResult, PrefillAdder, SchedulePolicy
 from managers.tp_worker import OverlapTpWorker, SyncExecutor, TpModelWorker
 from mem_cache.radix_cache import NoSharingCache, RadixCache
@@ -95,8 +96,21 @@ class Scheduler:
     # -- requests in -------------------------------------------------------------
 
     def add_request(self, msg: TokenizedGenerateReq) -> None:
+        """Queue a request; `n` > 1 becomes n requests `{rid}-{i}` that wait for
+        one hidden prefill of the shared prompt, so they all hit the cache."""
         params = msg.sampling_params
-        req = Req(msg.rid, list(msg.input_ids), params, eos_token_ids=self.eos_token_ids)
+        if params.n > 1:
+            warm = replace(params, max_new_tokens=0, min_new_tokens=0, n=1)
+            first = self._add(f"{msg.rid}-prompt", msg.input_ids, warm, hidden=True)
+            for i in range(params.n):
+                seed = None if params.seed is None else params.seed + i
+                child = self._add(f"{msg.rid}-{i}", msg.input_ids, replace(params, n=1, seed=seed))
+                child.waits_for = None if first.finished() else first
+            return
+        self._add(msg.rid, msg.input_ids, params)
+
+    def _add(self, rid: str, input_ids: list[int], params: SamplingParams, hidden: bool = False) -> Req:
+        req = Req(rid, list(input_ids), params, eos_token_ids=self.eos_token_ids, hidden=hidden)
         self.requests[req.rid] = req
         limit = min(self.capacity, self.context_len)
         reason = None
@@ -111,9 +125,10 @@ class Scheduler:
         if reason is not None:
             req.finished_reason = FinishReason("abort", message=reason)
             self._report(req)
-            return
+            return req
         req.init_next_round_input()
         self.waiting.append(req)
+        return req
 
     def abort_request(self, msg: AbortReq) -> None:
         req = self.requests.get(msg.rid)
@@ -135,6 +150,10 @@ class Scheduler:
     def step(self) -> BatchTokenIDOut:
         """One iteration; returns what it produced for the detokenizer."""
         self._apply_aborts()
+        if self.inflight is not None and self._needs_fresh_state():
+            # Penalties need the previous token's counts: no planning ahead.
+            self._process_result(self.inflight, self.executor.result(), None)
+            self.inflight = None
         batch = self._next_batch()
         launched = None
         if batch is not None:
@@ -149,6 +168,12 @@ class Scheduler:
             self._process_result(launched, self.executor.result(), None)
         out, self.pending_output = self.pending_output, BatchTokenIDOut()
         return out
+
+    def _needs_fresh_state(self) -> bool:
+        def penalised(r: Req) -> bool:
+            p = r.sampling_params
+            return p.frequency_penalty != 0 or p.presence_penalty != 0 or p.repetition_penalty != 1
+        return any(penalised(r) for r in self.running)
 
     def run_until_idle(self, max_steps: int = 100_000) -> list[BatchTokenIDOut]:
         outputs = []
@@ -230,7 +255,9 @@ class Scheduler:
         return batch
 
     def _schedulable(self, req: Req) -> bool:
-        return req.waits_for is None or req.waits_for.finished()
+        # Released, not just finished: its KV must be in the cache already.
+        first = req.waits_for
+        return first is None or (first.finished() and first.req_pool_idx is None)
 
     def _start(self, req: Req, match) -> None:
         """Give an admitted request its row and lock its cached prefix."""
@@ -301,7 +328,8 @@ class Scheduler:
                 continue
             if placeholders is not None:
                 req.pending_placeholder = int(placeholders[i])
-            if not decoding and req not in self.running:
+            prefill_only = req.sampling_params.max_new_tokens == 0
+            if not decoding and not prefill_only and req not in self.running:
                 self.running.append(req)
 
     def _process_result(self, done: _InFlight, next_ids: torch.Tensor, next_batch: _InFlight | None) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from managers.io_struct import AbortReq, TokenizedGenerateReq
+from managers.sampling_params import SamplingParams
 from model_helpers import make_prompts
 from scheduler_helpers import Outcome, assert_no_leak, collect, greedy, make_scheduler, run
 
@@ -163,5 +164,36 @@ def test_lpm_admits_longest_cached_prefix_first(tiny_qwen3):
     for out in sched.run_until_idle():
         order.extend(rid for rid, fin in zip(out.rids, out.finished_reasons) if fin is not None)
     assert order == ["long", "short", "cold"]
+    assert_no_leak(sched)
+    sched.shutdown()
+
+
+def test_overlap_matches_plain_for_sampled_and_penalised_requests(tiny_qwen3):
+    prompts = make_prompts([7, 30, 12, 50, 9, 21], VOCAB, seed=61)
+    params = [
+        SamplingParams(max_new_tokens=12, temperature=0.8, seed=5),
+        SamplingParams(max_new_tokens=9, temperature=1.2, top_k=20, seed=6),
+        SamplingParams(max_new_tokens=15, temperature=0.0, repetition_penalty=1.4),
+        SamplingParams(max_new_tokens=10, temperature=0.7, top_p=0.8, frequency_penalty=0.5, seed=7),
+        SamplingParams(max_new_tokens=8, temperature=0.0, presence_penalty=1.0),
+        SamplingParams(max_new_tokens=11, temperature=1.0, min_p=0.1, seed=8),
+    ]
+    requests = [(f"p{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+    results = []
+    for overlap in (False, True):
+        sched = make_scheduler(tiny_qwen3, overlap=overlap, chunk=16)
+        results.append(_outputs(run(sched, requests)))
+        assert_no_leak(sched)
+        sched.shutdown()
+    assert results[0] == results[1]
+
+
+def test_parallel_samples_share_the_prompt(tiny_qwen3):
+    sched = make_scheduler(tiny_qwen3, overlap=True)
+    prompt = make_prompts([120], VOCAB, seed=71)[0]
+    outcomes = run(sched, [("multi", prompt, SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, n=4))])
+    assert sorted(outcomes) == [f"multi-{i}" for i in range(4)]  # the shared prefill is not reported
+    assert all(o.cached_tokens >= 119 for o in outcomes.values())
+    assert len({tuple(o.output_ids) for o in outcomes.values()}) > 1  # different seeds, different samples
     assert_no_leak(sched)
     sched.shutdown()

@@ -49,6 +49,7 @@ class Req:
     reported_len: int = 0  # output ids already sent out
     hidden: bool = False  # internal (e.g. the prompt warm-up of an n > 1 request): never reported
     waits_for: Req | None = None  # not schedulable until this request finishes
+    prefix_claim: tuple[int, ...] | None = None  # prefix this request computes for others
     created_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 

@@ -37,6 +37,10 @@ from model_executor.model_config import ModelRunnerConfig
 
 logger = logging.getLogger(__name__)
 
+# Waiting requests whose next this-many uncached tokens equal those of a
+# request being prefilled wait for it instead of computing them again.
+SHARED_PREFIX_CLAIM_TOKENS = 32
+
 
 @dataclass
 class SchedulerConfig:
@@ -92,6 +96,7 @@ class Scheduler:
         self.requests: dict[str, Req] = {}
         self.pending_output = BatchTokenIDOut()
         self.num_retractions = 0
+        self.prefix_claims: dict[tuple[int, ...], Req] = {}  # see _prefix_claim
 
     # -- requests in -------------------------------------------------------------
 
@@ -233,8 +238,14 @@ class Scheduler:
                     break
                 # At least one token must be computed to sample from.
                 match = self.tree_cache.match_prefix(req.fill_ids[:-1])
+                claim = self._prefix_claim(req, len(match.indices))
+                if claim is not None and claim in self.prefix_claims:
+                    continue  # another request is computing this prefix: wait and share it
                 result = adder.add_one_req(req, len(match.indices))
                 if adder.can_run and adder.can_run[-1] is req:
+                    if claim is not None:
+                        self.prefix_claims[claim] = req
+                        req.prefix_claim = claim
                     self._start(req, match)
                     admitted.append(req)
                     slots_left -= 1
@@ -253,6 +264,22 @@ class Scheduler:
             return None
         self.waiting = [r for r in self.waiting if r not in admitted]
         return batch
+
+    def _prefix_claim(self, req: Req, cached: int) -> tuple[int, ...] | None:
+        """The first uncached tokens of `req`, if long enough to be worth
+        sharing. Requests with the same claim are admitted one at a time, so
+        the first computes the prefix and the rest find it in the cache
+        (without this, a burst of requests with a common system prompt would
+        all compute it side by side)."""
+        if self.config.disable_radix_cache:
+            return None
+        claim = tuple(req.fill_ids[cached : cached + SHARED_PREFIX_CLAIM_TOKENS])
+        return claim if len(claim) == SHARED_PREFIX_CLAIM_TOKENS else None
+
+    def _drop_prefix_claim(self, req: Req) -> None:
+        if req.prefix_claim is not None and self.prefix_claims.get(req.prefix_claim) is req:
+            del self.prefix_claims[req.prefix_claim]
+        req.prefix_claim = None
 
     def _schedulable(self, req: Req) -> bool:
         # Released, not just finished: its KV must be in the cache already.
@@ -275,6 +302,7 @@ class Scheduler:
     def _unadmit(self, reqs: list[Req]) -> None:
         """Undo `_start` for requests whose batch could not get KV slots."""
         for req in reqs:
+            self._drop_prefix_claim(req)
             self.tree_cache.dec_lock_ref(req.last_node)
             self.req_to_token_pool.free(req.req_pool_idx)
             req.req_pool_idx, req.prefix_indices, req.last_node = None, EMPTY_SLOTS, None
@@ -305,6 +333,7 @@ class Scheduler:
         logger.info("retracted %s after %d tokens to free KV", req.rid, len(req.output_ids))
 
     def _free_own_kv(self, req: Req) -> None:
+        self._drop_prefix_claim(req)
         shared = len(req.prefix_indices) // self.page_size * self.page_size
         own = self.req_to_token_pool.req_to_token[req.req_pool_idx, shared : req.kv_committed_len]
         if own.numel():
@@ -336,7 +365,8 @@ class Scheduler:
         batch, ids = done.batch, next_ids.tolist()
         placeholders = done.placeholders.tolist() if done.placeholders is not None else [None] * len(ids)
         in_next = set(map(id, next_batch.batch.reqs)) if next_batch is not None else set()
-        for req, partial, token, placeholder in zip(batch.reqs, batch.partial_chunk, ids, placeholders):
+        rows = zip(batch.reqs, batch.decoding, batch.partial_chunk, ids, placeholders)
+        for req, decoding, partial, token, placeholder in rows:
             if req.finished():
                 # Finished in the previous batch; this one ran a spare token.
                 if id(req) not in in_next:
@@ -359,16 +389,22 @@ class Scheduler:
                     # Retracted while this batch ran: the token stands, and
                     # the re-prefill must include it.
                     req.init_next_round_input()
+            if not decoding:
+                self._drop_prefix_claim(req)
             if req.finished():
                 self.running = [r for r in self.running if r is not req]
                 self.waiting = [r for r in self.waiting if r is not req]
                 if id(req) not in in_next:
                     self._release(req)
+            elif not decoding and req.req_pool_idx is not None:
+                # Prefill done: share the prompt now, not when the request ends.
+                self.tree_cache.cache_unfinished_req(req)
             self._report(req)
 
     def _release(self, req: Req) -> None:
         """A finished (or aborted) request gives back its row and its KV: to
         the radix cache when its whole sequence has KV, else to the pool."""
+        self._drop_prefix_claim(req)
         if req.req_pool_idx is None:
             return
         full = len(req.origin_input_ids) + len(req.output_ids)

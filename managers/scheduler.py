@@ -147,6 +147,20 @@ class Scheduler:
         self.tree_cache.reset()
         return True
 
+    def stats(self) -> dict[str, float]:
+        """Load and cache figures (for logs and, later, /metrics)."""
+        cache = self.tree_cache
+        return {
+            "running_requests": len(self.running),
+            "waiting_requests": len(self.waiting) + (self.chunked_req is not None),
+            "kv_used_tokens": self.capacity - self.allocator.available_size(),
+            "kv_capacity_tokens": self.capacity,
+            "cache_evictable_tokens": cache.evictable_size(),
+            "cache_protected_tokens": cache.protected_size(),
+            "cache_hit_rate": cache.hit_rate(),
+            "retractions": self.num_retractions,
+        }
+
     def is_idle(self) -> bool:
         return not (self.waiting or self.running or self.chunked_req or self.inflight)
 

@@ -19,6 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from managers.scheduler import SchedulerConfig
     from model_executor.model_config import ModelRunnerConfig
 
 
@@ -215,6 +216,17 @@ class ServerArgs:
             tp_size=self.tp_size,
             tp_rank=tp_rank,
             random_seed=self.random_seed,
+        )
+
+    def scheduler_config(self) -> SchedulerConfig:
+        from managers.scheduler import SchedulerConfig
+
+        return SchedulerConfig(
+            max_prefill_tokens=self.max_prefill_tokens,
+            chunked_prefill_size=self.chunked_prefill_size if self.chunked_prefill_enabled else None,
+            schedule_policy=self.schedule_policy,
+            disable_radix_cache=self.disable_radix_cache,
+            enable_overlap=not self.disable_overlap,
         )
 
 

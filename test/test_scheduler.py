@@ -95,6 +95,14 @@ def test_shared_prefix_is_cached(tiny_qwen3):
         assert_no_leak(sched)
         sched.shutdown()
     assert _outputs(results[True]) == _outputs(results[False])
+    sched = make_scheduler(tiny_qwen3)
+    run(sched, requests[:2])
+    stats = sched.stats()
+    assert stats["cache_hit_rate"] > 0.4  # the second request reused ~200 of ~410 prompt tokens
+    assert stats["cache_evictable_tokens"] > 200 and stats["cache_protected_tokens"] == 0
+    assert stats["running_requests"] == 0 and stats["kv_used_tokens"] == stats["cache_evictable_tokens"]
+    assert_no_leak(sched)
+    sched.shutdown()
     assert results[True]["s0"].cached_tokens == 0
     assert all(results[True][f"s{i}"].cached_tokens >= 190 for i in (1, 2, 3))
     assert all(o.cached_tokens == 0 for o in results[False].values())

@@ -255,3 +255,16 @@ def test_model_runner_config_mapping() -> None:
     assert args.model_runner_config().tp_rank == 0
     with pytest.raises(ValueError, match="tp_rank"):
         args.model_runner_config(tp_rank=2)
+
+
+def test_scheduler_config_mapping():
+    args = prepare_server_args([
+        "--model-path", "m", "--device", "cpu", "--chunked-prefill-size", "-1",
+        "--schedule-policy", "fcfs", "--disable-radix-cache", "--disable-overlap", "--max-prefill-tokens", "999",
+    ])
+    config = args.scheduler_config()
+    assert config.chunked_prefill_size is None
+    assert (config.schedule_policy, config.disable_radix_cache, config.enable_overlap) == ("fcfs", True, False)
+    assert config.max_prefill_tokens == 999
+    default = prepare_server_args(["--model-path", "m", "--device", "cpu"]).scheduler_config()
+    assert default.chunked_prefill_size == 8192 and default.enable_overlap and not default.disable_radix_cache

@@ -20,7 +20,9 @@ which is discarded and its KV released with the rest.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,6 +42,20 @@ logger = logging.getLogger(__name__)
 # Waiting requests whose next this-many uncached tokens equal those of a
 # request being prefilled wait for it instead of computing them again.
 SHARED_PREFIX_CLAIM_TOKENS = 32
+
+
+def eos_token_ids_of(model_path: str, tokenizer: Any | None = None) -> frozenset[int]:
+    """Every id that ends generation: generation_config.json's eos_token_id
+    (an int or a list: chat models often list several) plus the tokenizer's."""
+    ids: set[int] = set()
+    path = os.path.join(model_path, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
 
 
 @dataclass

@@ -78,3 +78,18 @@ def test_max_new_tokens_zero_is_prefill_only(tiny_qwen3):
     assert outcomes["zero"].output_ids == [] and outcomes["zero"].finish.kind == "length"
     assert_no_leak(sched)
     sched.shutdown()
+
+
+def test_eos_ids_come_from_generation_config_and_tokenizer(tiny_qwen3, tmp_path):
+    import json
+    import shutil
+
+    from managers.scheduler import eos_token_ids_of
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_qwen3))
+    assert eos_token_ids_of(str(tiny_qwen3)) == {tokenizer.eos_token_id}
+    model = shutil.copytree(tiny_qwen3, tmp_path / "m")
+    config = json.loads((model / "generation_config.json").read_text())
+    config["eos_token_id"] = [7, 9]
+    (model / "generation_config.json").write_text(json.dumps(config))
+    assert eos_token_ids_of(str(model), tokenizer) == {7, 9, tokenizer.eos_token_id}

@@ -12,12 +12,27 @@ from managers.sampling_params import SamplingParams
 
 
 @dataclass
+class GenerateReqInput:
+    """A generate call as users make it (HTTP /generate, Engine.generate)."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict | list[dict] | None = None
+    rid: str | list[str] | None = None
+    stream: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+
+
+@dataclass
 class TokenizedGenerateReq:
     rid: str
     input_ids: list[int]
     sampling_params: SamplingParams
     input_text: str | None = None
     stream: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
 
 
 @dataclass
@@ -31,6 +46,33 @@ class FlushCacheReq:
 
 
 @dataclass
+class FlushCacheReqOutput:
+    success: bool
+
+
+@dataclass
+class GetInternalStateReq:
+    pass
+
+
+@dataclass
+class GetInternalStateReqOutput:
+    state: dict
+
+
+@dataclass
+class SchedulerReady:
+    """Sent once over the start-up pipe: the scheduler is up, with these figures."""
+
+    max_total_num_tokens: int
+    max_running_requests: int
+    context_len: int
+    vocab_size: int
+    dtype: str
+    device: str
+
+
+@dataclass
 class FinishReason:
     kind: str  # "length" | "stop" | "abort"
     matched: int | str | None = None  # the EOS / stop token id or stop string that ended it
@@ -39,7 +81,8 @@ class FinishReason:
     def to_json(self) -> dict:
         out: dict = {"type": self.kind}
         if self.matched is not None:
-            out["matched"] = self.matched
+            # SGLang's shape: {"type": "length", "length": n} / {"type": "stop", "matched": x}.
+            out["length" if self.kind == "length" else "matched"] = self.matched
         if self.message is not None:
             out["message"] = self.message
         return out
@@ -50,6 +93,22 @@ class BatchTokenIDOut:
     """One scheduler iteration's news: new token ids per request, and finishes."""
 
     rids: list[str] = field(default_factory=list)
+    new_token_ids: list[list[int]] = field(default_factory=list)
+    finished_reasons: list[FinishReason | None] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    completion_tokens: list[int] = field(default_factory=list)
+    cached_tokens: list[int] = field(default_factory=list)
+    # Per rid, for the detokenizer.
+    skip_special_tokens: list[bool] = field(default_factory=list)
+    stop_strings: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class BatchStrOut:
+    """The detokenizer's view of one iteration: new text per request."""
+
+    rids: list[str] = field(default_factory=list)
+    new_texts: list[str] = field(default_factory=list)  # text to append (stop strings trimmed)
     new_token_ids: list[list[int]] = field(default_factory=list)
     finished_reasons: list[FinishReason | None] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)

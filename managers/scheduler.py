@@ -475,5 +475,7 @@ class Scheduler:
         out.prompt_tokens.append(len(req.origin_input_ids))
         out.completion_tokens.append(len(req.output_ids))
         out.cached_tokens.append(req.cached_tokens)
+        out.skip_special_tokens.append(req.sampling_params.skip_special_tokens)
+        out.stop_strings.append(list(req.sampling_params.stop or ()))
         if req.finished():
             self.requests.pop(req.rid, None)

@@ -1,0 +1,289 @@
+"""TokenizerManager: the front half of the server, in the HTTP / Engine process.
+
+Validates and tokenizes generate calls, gives every request an id and an
+asyncio state, sends `TokenizedGenerateReq` to the scheduler, and turns the
+detokenizer's `BatchStrOut` updates into result dicts for the caller.
+
+It never imports torch or the model: it talks to them only through ZMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from managers.io_struct import (
+    AbortReq,
+    BatchStrOut,
+    FinishReason,
+    FlushCacheReq,
+    FlushCacheReqOutput,
+    GenerateReqInput,
+    GetInternalStateReq,
+    GetInternalStateReqOutput,
+    TokenizedGenerateReq,
+)
+from managers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+@dataclass
+class _ReqState:
+    rid: str
+    index: int
+    prompt_tokens: int
+    queue: asyncio.Queue
+    created: float = field(default_factory=time.monotonic)
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish: FinishReason | None = None
+
+    def result(self) -> dict:
+        return {
+            "index": self.index,
+            "text": self.text,
+            "output_ids": list(self.output_ids),
+            "meta_info": {
+                "id": self.rid,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "cached_tokens": self.cached_tokens,
+                "finish_reason": None if self.finish is None else self.finish.to_json(),
+                "e2e_latency": time.monotonic() - self.created,
+            },
+        }
+
+
+class ServerDeadError(RuntimeError):
+    pass
+
+
+class TokenizerManager:
+    def __init__(self, server_args: Any, port_args: Any, context_len: int, kv_capacity: int) -> None:
+        self.server_args = server_args
+        self.served_model_name = server_args.served_model_name
+        self.context_len = context_len
+        self.kv_capacity = kv_capacity
+        self.tokenizer = None
+        if not server_args.skip_tokenizer_init:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
+        self.zmq_context = zmq.asyncio.Context(1)
+        self.to_scheduler = self.zmq_context.socket(zmq.PUSH)
+        self.to_scheduler.connect(port_args.scheduler_input)
+        self.port_args = port_args
+        self.states: dict[str, _ReqState] = {}
+        self.control_waiters: dict[type, list[asyncio.Future]] = {}
+        self.dead_reason: str | None = None
+        self.recv_task: asyncio.Task | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the receive loop; call from inside the event loop that will serve."""
+        if self.recv_task is None:
+            recv = self.zmq_context.socket(zmq.PULL)
+            recv.bind(self.port_args.tokenizer_input)
+            self.recv_task = asyncio.get_running_loop().create_task(self._recv_loop(recv))
+
+    async def close(self) -> None:
+        if self.recv_task is not None:
+            self.recv_task.cancel()
+            try:
+                await self.recv_task
+            except asyncio.CancelledError:
+                pass
+            self.recv_task = None
+        self.zmq_context.destroy(linger=0)
+
+    def fail_all(self, reason: str) -> None:
+        """A child process died: every waiting caller gets an error now."""
+        self.dead_reason = reason
+        for state in list(self.states.values()):
+            state.queue.put_nowait(ServerDeadError(reason))
+        for waiters in self.control_waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(ServerDeadError(reason))
+
+    # -- generate ----------------------------------------------------------------
+
+    async def generate_request(self, obj: GenerateReqInput, request: Any | None = None) -> AsyncIterator[dict]:
+        """Yield result dicts (see `_ReqState.result`); one final dict per
+        output when not streaming, every update when streaming. Raises
+        ValueError for input the caller must fix."""
+        if self.dead_reason is not None:
+            raise ServerDeadError(self.dead_reason)
+        reqs = self._tokenize_and_validate(obj)
+        queue: asyncio.Queue = asyncio.Queue()
+        states: list[_ReqState] = []
+        for prompt_index, msg in enumerate(reqs):
+            n = msg.sampling_params.n
+            rids = [msg.rid] if n == 1 else [f"{msg.rid}-{i}" for i in range(n)]
+            for j, rid in enumerate(rids):
+                state = _ReqState(rid, prompt_index * n + j, len(msg.input_ids), queue)
+                self.states[rid] = state
+                states.append(state)
+        for msg in reqs:
+            self.to_scheduler.send_pyobj(msg)
+        unfinished = {s.rid for s in states}
+        try:
+            while unfinished:
+                item = await self._next_update(queue, request, states)
+                if isinstance(item, BaseException):
+                    raise item
+                state = item
+                if state.rid not in unfinished:
+                    continue  # a queued duplicate of an update already yielded as final
+                if state.finish is not None:
+                    unfinished.discard(state.rid)
+                if obj.stream or state.finish is not None:
+                    yield state.result()
+        finally:
+            if unfinished:  # caller went away or failed: stop the work
+                for rid in unfinished:
+                    self.abort_request(rid)
+            for state in states:
+                self.states.pop(state.rid, None)
+
+    async def _next_update(self, queue: asyncio.Queue, request: Any, states: list[_ReqState]):
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    logger.info("client disconnected; aborting %s", ", ".join(s.rid for s in states))
+                    raise asyncio.CancelledError("client disconnected")
+
+    def abort_request(self, rid: str) -> None:
+        self.to_scheduler.send_pyobj(AbortReq(rid))
+
+    def _tokenize_and_validate(self, obj: GenerateReqInput) -> list[TokenizedGenerateReq]:
+        if (obj.text is None) == (obj.input_ids is None):
+            raise ValueError("give exactly one of text or input_ids")
+        if obj.text is not None:
+            texts = [obj.text] if isinstance(obj.text, str) else list(obj.text)
+            if self.tokenizer is None:
+                raise ValueError("this server was started with --skip-tokenizer-init; send input_ids")
+            prompts = [self.tokenizer.encode(t) for t in texts]
+        else:
+            ids = obj.input_ids
+            prompts = [list(ids)] if ids and isinstance(ids[0], int) else [list(p) for p in ids]
+            if not ids:
+                prompts = [[]]
+        if not prompts:
+            raise ValueError("the batch is empty")
+        params = obj.sampling_params or {}
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} sampling_params for {len(prompts)} prompts")
+        rids = obj.rid if isinstance(obj.rid, list) else [obj.rid] * len(prompts)
+        if len(prompts) > 1 and not isinstance(obj.rid, list):
+            rids = [None] * len(prompts)
+        out = []
+        for prompt, p, rid in zip(prompts, params_list, rids):
+            sampling = self._sampling_params(p)
+            self._check_length(prompt, sampling)
+            out.append(
+                TokenizedGenerateReq(
+                    rid or uuid.uuid4().hex,
+                    prompt,
+                    sampling,
+                    stream=obj.stream,
+                    return_logprob=obj.return_logprob,
+                    top_logprobs_num=obj.top_logprobs_num,
+                )
+            )
+        return out
+
+    @staticmethod
+    def _sampling_params(raw: dict) -> SamplingParams:
+        if not isinstance(raw, dict):
+            raise ValueError("sampling_params must be an object")
+        unknown = set(raw) - SAMPLING_FIELDS
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        raw = dict(raw)
+        if isinstance(raw.get("stop"), str):
+            raw["stop"] = [raw["stop"]]
+        try:
+            params = SamplingParams(**raw)
+            params.validate()
+        except TypeError as err:
+            raise ValueError(f"invalid sampling_params: {err}") from err
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "n"):
+            if not isinstance(getattr(params, name), int) or isinstance(getattr(params, name), bool):
+                raise ValueError(f"{name} must be an integer")
+        return params
+
+    def _check_length(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        total = len(prompt) + params.max_new_tokens
+        if total > self.context_len:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens and max_new_tokens is {params.max_new_tokens}: "
+                f"{total} exceeds the context length of {self.context_len} tokens"
+            )
+        if total > self.kv_capacity:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens and max_new_tokens is {params.max_new_tokens}: "
+                f"{total} exceeds the KV cache capacity of {self.kv_capacity} tokens"
+            )
+
+    # -- control -----------------------------------------------------------------
+
+    async def flush_cache(self) -> bool:
+        return (await self._control(FlushCacheReq(), FlushCacheReqOutput)).success
+
+    async def get_internal_states(self) -> list[dict]:
+        return [(await self._control(GetInternalStateReq(), GetInternalStateReqOutput)).state]
+
+    async def _control(self, msg: Any, reply_type: type) -> Any:
+        if self.dead_reason is not None:
+            raise ServerDeadError(self.dead_reason)
+        fut = asyncio.get_running_loop().create_future()
+        self.control_waiters.setdefault(reply_type, []).append(fut)
+        self.to_scheduler.send_pyobj(msg)
+        return await asyncio.wait_for(fut, timeout=30)
+
+    # -- receive loop ------------------------------------------------------------
+
+    async def _recv_loop(self, recv: zmq.asyncio.Socket) -> None:
+        while True:
+            msg = await recv.recv_pyobj()
+            if isinstance(msg, BatchStrOut):
+                self._apply(msg)
+            else:
+                waiters = self.control_waiters.get(type(msg))
+                if waiters:
+                    fut = waiters.pop(0)
+                    if not fut.done():
+                        fut.set_result(msg)
+
+    def _apply(self, out: BatchStrOut) -> None:
+        for i, rid in enumerate(out.rids):
+            state = self.states.get(rid)
+            if state is None:
+                continue  # aborted and forgotten
+            state.text += out.new_texts[i]
+            state.output_ids.extend(out.new_token_ids[i])
+            state.completion_tokens = out.completion_tokens[i]
+            state.cached_tokens = out.cached_tokens[i]
+            state.finish = out.finished_reasons[i]
+            state.queue.put_nowait(state)

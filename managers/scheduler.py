@@ -168,6 +168,8 @@ class Scheduler:
         cache = self.tree_cache
         return {
             "running_requests": len(self.running),
+            # Includes requests finishing in the batch still in flight (overlap).
+            "requests_holding_kv": self.req_to_token_pool.size - self.req_to_token_pool.available_size(),
             "waiting_requests": len(self.waiting) + (self.chunked_req is not None),
             "kv_used_tokens": self.capacity - self.allocator.available_size(),
             "kv_capacity_tokens": self.capacity,

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ class _ReqState:
     prompt_tokens: int
     queue: asyncio.Queue
     created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
     completion_tokens: int = 0
@@ -91,6 +92,8 @@ class TokenizerManager:
         self.control_waiters: dict[type, list[asyncio.Future]] = {}
         self.dead_reason: str | None = None
         self.recv_task: asyncio.Task | None = None
+        # Called with (result dict, time to first token) when a request finishes (metrics).
+        self.finish_listeners: list[Callable[[dict, float | None], None]] = []
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -286,4 +289,11 @@ class TokenizerManager:
             state.completion_tokens = out.completion_tokens[i]
             state.cached_tokens = out.cached_tokens[i]
             state.finish = out.finished_reasons[i]
+            if state.first_token_at is None and state.output_ids:
+                state.first_token_at = time.monotonic()
+            if state.finish is not None and self.finish_listeners:
+                result = state.result()
+                ttft = None if state.first_token_at is None else state.first_token_at - state.created
+                for listener in self.finish_listeners:
+                    listener(result, ttft)
             state.queue.put_nowait(state)

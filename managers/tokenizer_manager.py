@@ -37,6 +37,30 @@ from managers.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+_INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "n", "seed"}
+_BOOL_FIELDS = {"ignore_eos", "skip_special_tokens"}
+
+
+def _check_type(name: str, value: Any) -> None:
+    """JSON gives us any type; name the field whose value has the wrong one."""
+    if value is None and name in ("seed", "stop", "stop_token_ids"):
+        return
+    if name in _INT_FIELDS:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        expected = "an integer"
+    elif name in _BOOL_FIELDS:
+        ok, expected = isinstance(value, bool), "true or false"
+    elif name == "stop":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        expected = "a string or a list of strings"
+    elif name == "stop_token_ids":
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        expected = "a list of integers"
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        expected = "a number"
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 @dataclass
@@ -224,14 +248,10 @@ class TokenizerManager:
         raw = dict(raw)
         if isinstance(raw.get("stop"), str):
             raw["stop"] = [raw["stop"]]
-        try:
-            params = SamplingParams(**raw)
-            params.validate()
-        except TypeError as err:
-            raise ValueError(f"invalid sampling_params: {err}") from err
-        for name in ("max_new_tokens", "min_new_tokens", "top_k", "n"):
-            if not isinstance(getattr(params, name), int) or isinstance(getattr(params, name), bool):
-                raise ValueError(f"{name} must be an integer")
+        for name, value in raw.items():
+            _check_type(name, value)
+        params = SamplingParams(**raw)
+        params.validate()
         return params
 
     def _check_length(self, prompt: list[int], params: SamplingParams) -> None:

@@ -1,0 +1,78 @@
+"""The official `openai` client against a real server; outputs equal the Engine's."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+
+from runtime import Engine
+from server_helpers import alive, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen3, tmp_path_factory):
+    srv = start_server(tiny_qwen3, tmp_path_factory.mktemp("logs"), "--dtype", "float32", "--served-model-name", "tiny")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+
+def test_models(client):
+    models = client.models.list()
+    assert models.data[0].id == "tiny"
+
+
+def test_completion_and_stream(client):
+    out = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 8
+    chunks = list(client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == out.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == out.usage.prompt_tokens
+
+
+def test_chat_n_and_stop(client):
+    messages = [{"role": "user", "content": "Tell me something"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    text = out.choices[0].message.content
+    assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens == 12
+    two = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=1.0, n=2, seed=1)
+    assert [c.index for c in two.choices] == [0, 1]
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    stop = text[4:7]
+    if stop.strip():
+        stopped = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stop=[stop])
+        assert stopped.choices[0].finish_reason == "stop"
+        assert stopped.choices[0].message.content == text[: text.find(stop)]
+
+
+def test_bad_requests_get_openai_errors(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert err.value.body["message"] and err.value.status_code == 400
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=-1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=5000)
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_outputs_equal_the_engine(tiny_qwen3, client):
+    prompts = ["The weather today", "def main():"]
+    http = [client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0).choices[0].text for p in prompts]
+    with Engine(model_path=str(tiny_qwen3), dtype="float32", max_total_tokens=8192, device="cpu") as engine:
+        out = engine.generate(prompts, {"max_new_tokens": 10, "temperature": 0})
+        pids = [p.pid for p in engine.children.processes.values()]
+    assert [o["text"] for o in out] == http
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in pids)

@@ -8,7 +8,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test bench clean
+SERVE_ARGS ?=
+
+.PHONY: install test serve bench clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +21,10 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Serves the small demo checkpoint (built on first use) on 127.0.0.1:30000.
+serve: install
+	$(PY) -m runtime.launch_server --model-path "$$($(PY) -c 'from runtime.demo_model import demo_model_path; print(demo_model_path("qwen3", "small"))')" $(SERVE_ARGS)
 
 bench: install
 	$(PY) -m benchmark.bench_one_batch --batch-size 16 --input-len 128 --output-len 128 --compare-hf

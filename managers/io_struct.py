@@ -98,6 +98,11 @@ class BatchTokenIDOut:
     prompt_tokens: list[int] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)
     cached_tokens: list[int] = field(default_factory=list)
+    new_token_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    new_top_logprobs: list[list[list[tuple[float, int]]] | None] = field(default_factory=list)
+    # Per rid (None unless it asked): (logprob, id) per new token, and top alternatives.
+    new_token_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    new_top_logprobs: list[list[list[tuple[float, int]]] | None] = field(default_factory=list)
     # Per rid, for the detokenizer.
     skip_special_tokens: list[bool] = field(default_factory=list)
     stop_strings: list[list[str]] = field(default_factory=list)
@@ -114,3 +119,5 @@ class BatchStrOut:
     prompt_tokens: list[int] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)
     cached_tokens: list[int] = field(default_factory=list)
+    new_token_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    new_top_logprobs: list[list[list[tuple[float, int]]] | None] = field(default_factory=list)

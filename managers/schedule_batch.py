@@ -50,6 +50,11 @@ class Req:
     hidden: bool = False  # internal (e.g. the prompt warm-up of an n > 1 request): never reported
     waits_for: Req | None = None  # not schedulable until this request finishes
     prefix_claim: tuple[int, ...] | None = None  # prefix this request computes for others
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    # Per output token: (logprob, token id), and its top alternatives.
+    output_token_logprobs: list[tuple[float, int]] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     created_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
@@ -187,6 +192,11 @@ class ScheduleBatch:
         """Upper bound on slots `prepare_for_*` will take (page rounding included)."""
         page = self.allocator.page_size
         return sum(-(-r.extend_input_len // page) * page for r in self.reqs) + page * len(decode_reqs)
+
+    def top_logprobs_num(self) -> int:
+        """What the worker must compute: -1 none, else the largest top-k asked."""
+        asked = [r.top_logprobs_num for r in self.reqs if r.return_logprob]
+        return max(asked) if asked else -1
 
     def forward_batch(self) -> ForwardBatch:
         info = SamplingBatchInfo.build(

@@ -33,7 +33,7 @@ from managers.io_struct import AbortReq, BatchTokenIDOut, FinishReason, Tokenize
 from managers.schedule_batch import EMPTY_SLOTS, Req, ScheduleBatch
 from managers.sampling_params import SamplingParams
 from managers.schedule_policy import AddResult, PrefillAdder, SchedulePolicy
-from managers.tp_worker import OverlapTpWorker, SyncExecutor, TpModelWorker
+from managers.tp_worker import OverlapTpWorker, StepResult, SyncExecutor, TpModelWorker
 from mem_cache.radix_cache import NoSharingCache, RadixCache
 from model_executor.model_config import ModelRunnerConfig
 
@@ -125,13 +125,24 @@ class Scheduler:
             first = self._add(f"{msg.rid}-prompt", msg.input_ids, warm, hidden=True)
             for i in range(params.n):
                 seed = None if params.seed is None else params.seed + i
-                child = self._add(f"{msg.rid}-{i}", msg.input_ids, replace(params, n=1, seed=seed))
+                child = self._add(f"{msg.rid}-{i}", msg.input_ids, replace(params, n=1, seed=seed),
+                                  return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num)
                 child.waits_for = None if first.finished() else first
             return
-        self._add(msg.rid, msg.input_ids, params)
+        self._add(msg.rid, msg.input_ids, params,
+                  return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num)
 
-    def _add(self, rid: str, input_ids: list[int], params: SamplingParams, hidden: bool = False) -> Req:
-        req = Req(rid, list(input_ids), params, eos_token_ids=self.eos_token_ids, hidden=hidden)
+    def _add(
+        self,
+        rid: str,
+        input_ids: list[int],
+        params: SamplingParams,
+        hidden: bool = False,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+    ) -> Req:
+        req = Req(rid, list(input_ids), params, eos_token_ids=self.eos_token_ids, hidden=hidden,
+                  return_logprob=return_logprob, top_logprobs_num=top_logprobs_num)
         self.requests[req.rid] = req
         limit = min(self.capacity, self.context_len)
         reason = None
@@ -173,6 +184,8 @@ class Scheduler:
             "waiting_requests": len(self.waiting) + (self.chunked_req is not None),
             "kv_used_tokens": self.capacity - self.allocator.available_size(),
             "kv_capacity_tokens": self.capacity,
+            "kv_free_tokens": self.allocator.available_size(),
+            "cache_size_tokens": cache.total_size(),
             "cache_evictable_tokens": cache.evictable_size(),
             "cache_protected_tokens": cache.protected_size(),
             "cache_hit_rate": cache.hit_rate(),
@@ -194,7 +207,7 @@ class Scheduler:
         batch = self._next_batch()
         launched = None
         if batch is not None:
-            placeholders = self.executor.launch(batch.forward_batch())
+            placeholders = self.executor.launch(batch.forward_batch(), batch.top_logprobs_num())
             self._on_launch(batch, placeholders)
             launched = _InFlight(batch, placeholders)
         if self.config.enable_overlap:
@@ -393,12 +406,13 @@ class Scheduler:
             if not decoding and not prefill_only and req not in self.running:
                 self.running.append(req)
 
-    def _process_result(self, done: _InFlight, next_ids: torch.Tensor, next_batch: _InFlight | None) -> None:
-        batch, ids = done.batch, next_ids.tolist()
+    def _process_result(self, done: _InFlight, result: StepResult, next_batch: _InFlight | None) -> None:
+        batch, ids = done.batch, result.next_token_ids.tolist()
+        logprobs = _per_row_logprobs(result)
         placeholders = done.placeholders.tolist() if done.placeholders is not None else [None] * len(ids)
         in_next = set(map(id, next_batch.batch.reqs)) if next_batch is not None else set()
-        rows = zip(batch.reqs, batch.decoding, batch.partial_chunk, ids, placeholders)
-        for req, decoding, partial, token, placeholder in rows:
+        rows = zip(batch.reqs, batch.decoding, batch.partial_chunk, ids, placeholders, logprobs)
+        for req, decoding, partial, token, placeholder, logprob in rows:
             if req.finished():
                 # Finished in the previous batch; this one ran a spare token.
                 if id(req) not in in_next:
@@ -412,6 +426,9 @@ class Scheduler:
                 req.finished_reason = FinishReason("length", 0)  # prefill only
             else:
                 req.output_ids.append(token)
+                if req.return_logprob and logprob is not None:
+                    req.output_token_logprobs.append((logprob[0], token))
+                    req.output_top_logprobs.append(logprob[1][: req.top_logprobs_num])
                 if req.pending_placeholder == placeholder:  # else a later batch's is pending
                     req.pending_placeholder = None
                 if req.first_token_at is None:
@@ -472,6 +489,8 @@ class Scheduler:
         out = self.pending_output
         out.rids.append(req.rid)
         out.new_token_ids.append(req.output_ids[req.reported_len :])
+        out.new_token_logprobs.append(req.output_token_logprobs[req.reported_len :] if req.return_logprob else None)
+        out.new_top_logprobs.append(req.output_top_logprobs[req.reported_len :] if req.return_logprob else None)
         req.reported_len = len(req.output_ids)
         out.finished_reasons.append(req.finished_reason)
         out.prompt_tokens.append(len(req.origin_input_ids))
@@ -481,3 +500,15 @@ class Scheduler:
         out.stop_strings.append(list(req.sampling_params.stop or ()))
         if req.finished():
             self.requests.pop(req.rid, None)
+
+
+def _per_row_logprobs(result: StepResult) -> list[tuple[float, list[tuple[float, int]]] | None]:
+    """Per batch row: (sampled token's logprob, [(logprob, id) of the top k]), or None."""
+    rows = len(result.next_token_ids)
+    if result.token_logprobs is None:
+        return [None] * rows
+    token = result.token_logprobs.tolist()
+    if result.top_logprobs is None:
+        return [(lp, []) for lp in token]
+    top = [list(zip(v, i)) for v, i in zip(result.top_logprobs.tolist(), result.top_ids.tolist())]
+    return list(zip(token, top))

@@ -37,6 +37,7 @@ from managers.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+MAX_TOP_LOGPROBS = 20
 _INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "n", "seed"}
 _BOOL_FIELDS = {"ignore_eos", "skip_special_tokens"}
 
@@ -76,9 +77,12 @@ class _ReqState:
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish: FinishReason | None = None
+    # [logprob, token id, token text] per output token, when asked for.
+    token_logprobs: list[list] | None = None
+    top_logprobs: list[list[list]] | None = None
 
     def result(self) -> dict:
-        return {
+        out = {
             "index": self.index,
             "text": self.text,
             "output_ids": list(self.output_ids),
@@ -91,6 +95,10 @@ class _ReqState:
                 "e2e_latency": time.monotonic() - self.created,
             },
         }
+        if self.token_logprobs is not None:
+            out["meta_info"]["output_token_logprobs"] = [list(x) for x in self.token_logprobs]
+            out["meta_info"]["output_top_logprobs"] = [[list(a) for a in alts] for alts in self.top_logprobs]
+        return out
 
 
 class ServerDeadError(RuntimeError):
@@ -215,6 +223,9 @@ class TokenizerManager:
                 prompts = [[]]
         if not prompts:
             raise ValueError("the batch is empty")
+        top = obj.top_logprobs_num
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs_num must be an integer in 0..{MAX_TOP_LOGPROBS}, got {top!r}")
         params = obj.sampling_params or {}
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -299,6 +310,16 @@ class TokenizerManager:
                     if not fut.done():
                         fut.set_result(msg)
 
+    def _token_text(self, token_id: int) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _add_logprobs(self, state: _ReqState, tokens: list, tops: list) -> None:
+        if state.token_logprobs is None:
+            state.token_logprobs, state.top_logprobs = [], []
+        for (lp, tid), alts in zip(tokens, tops):
+            state.token_logprobs.append([lp, tid, self._token_text(tid)])
+            state.top_logprobs.append([[a_lp, a_id, self._token_text(a_id)] for a_lp, a_id in alts])
+
     def _apply(self, out: BatchStrOut) -> None:
         for i, rid in enumerate(out.rids):
             state = self.states.get(rid)
@@ -309,6 +330,8 @@ class TokenizerManager:
             state.completion_tokens = out.completion_tokens[i]
             state.cached_tokens = out.cached_tokens[i]
             state.finish = out.finished_reasons[i]
+            if out.new_token_logprobs[i] is not None:
+                self._add_logprobs(state, out.new_token_logprobs[i], out.new_top_logprobs[i])
             if state.first_token_at is None and state.output_ids:
                 state.first_token_at = time.monotonic()
             if state.finish is not None and self.finish_listeners:

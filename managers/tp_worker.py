@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -23,13 +24,36 @@ from model_executor.model_config import ModelRunnerConfig
 from model_executor.model_runner import ModelRunner
 
 
+@dataclass
+class StepResult:
+    next_token_ids: torch.Tensor  # [B]
+    # Only when the batch asked for logprobs (`top_logprobs_num` >= 0):
+    # log-softmax of the model's raw logits (before temperature, penalties
+    # and filters), at the sampled token and the top-k.
+    token_logprobs: torch.Tensor | None = None  # [B]
+    top_logprobs: torch.Tensor | None = None  # [B, K]
+    top_ids: torch.Tensor | None = None  # [B, K]
+
+    def cpu(self) -> StepResult:
+        move = lambda t: None if t is None else t.cpu()  # noqa: E731
+        return StepResult(*(move(t) for t in (self.next_token_ids, self.token_logprobs, self.top_logprobs, self.top_ids)))
+
+
 class TpModelWorker:
     def __init__(self, config: ModelRunnerConfig) -> None:
         self.model_runner = ModelRunner(config)
 
-    def forward_batch_generation(self, batch: ForwardBatch) -> torch.Tensor:
+    def forward_batch_generation(self, batch: ForwardBatch, top_logprobs_num: int = -1) -> StepResult:
+        """`top_logprobs_num` -1: no logprobs; 0: the sampled token's only; k: also the top k."""
         logits = self.model_runner.forward(batch)
-        return self.model_runner.sample(logits, batch)
+        ids = self.model_runner.sample(logits, batch)
+        if top_logprobs_num < 0:
+            return StepResult(ids)
+        logprobs = torch.log_softmax(logits.next_token_logits.float(), dim=-1)
+        result = StepResult(ids, logprobs.gather(1, ids.view(-1, 1)).squeeze(1))
+        if top_logprobs_num > 0:
+            result.top_logprobs, result.top_ids = logprobs.topk(top_logprobs_num, dim=-1)
+        return result
 
 
 class SyncExecutor:
@@ -39,11 +63,11 @@ class SyncExecutor:
         self.worker = worker
         self._results: list[torch.Tensor] = []
 
-    def launch(self, batch: ForwardBatch) -> torch.Tensor | None:
-        self._results.append(self.worker.forward_batch_generation(batch).cpu())
+    def launch(self, batch: ForwardBatch, top_logprobs_num: int = -1) -> torch.Tensor | None:
+        self._results.append(self.worker.forward_batch_generation(batch, top_logprobs_num).cpu())
         return None
 
-    def result(self) -> torch.Tensor:
+    def result(self) -> StepResult:
         return self._results.pop(0)
 
     def shutdown(self) -> None:
@@ -65,16 +89,16 @@ class OverlapTpWorker:
         self.thread = threading.Thread(target=self._loop, name="overlap-forward", daemon=True)
         self.thread.start()
 
-    def launch(self, batch: ForwardBatch) -> torch.Tensor:
+    def launch(self, batch: ForwardBatch, top_logprobs_num: int = -1) -> torch.Tensor:
         size = batch.batch_size
         if self.next_slot + size > self.map_size:
             self.next_slot = 1
         slots = torch.arange(self.next_slot, self.next_slot + size, dtype=torch.int64)
         self.next_slot += size
-        self.inputs.put((batch, slots))
+        self.inputs.put((batch, slots, top_logprobs_num))
         return -slots
 
-    def result(self) -> torch.Tensor:
+    def result(self) -> StepResult:
         out = self.outputs.get()
         if isinstance(out, BaseException):
             raise RuntimeError("forward failed on the overlap worker thread") from out
@@ -89,13 +113,13 @@ class OverlapTpWorker:
             item = self.inputs.get()
             if item is None:
                 return
-            batch, slots = item
+            batch, slots, top_logprobs_num = item
             try:
                 ids = batch.input_ids
                 placeholder = ids < 0
                 batch.input_ids = torch.where(placeholder, self.future_token_ids[(-ids).clamp_(min=0)], ids)
-                next_ids = self.worker.forward_batch_generation(batch)
-                self.future_token_ids[slots.to(next_ids.device)] = next_ids
-                self.outputs.put(next_ids.cpu())
+                result = self.worker.forward_batch_generation(batch, top_logprobs_num)
+                self.future_token_ids[slots.to(result.next_token_ids.device)] = result.next_token_ids
+                self.outputs.put(result.cpu())
             except BaseException as err:  # surface it on the scheduler thread
                 self.outputs.put(err)

@@ -76,3 +76,19 @@ def test_progress_bar_and_server_info(engine, capsys):
     assert info["model_path"] and state["kv_capacity_tokens"] == 8192
     assert engine.flush_cache()
     assert engine.get_server_info()["internal_states"][0]["kv_used_tokens"] == 0
+
+
+def test_logprobs(engine):
+    out = engine.generate("Log my probs", GREEDY, return_logprob=True, top_logprobs_num=3)
+    meta = out["meta_info"]
+    tokens, tops = meta["output_token_logprobs"], meta["output_top_logprobs"]
+    assert len(tokens) == len(tops) == 8
+    for (lp, tid, text), alts, out_id in zip(tokens, tops, out["output_ids"]):
+        assert tid == out_id and lp <= 0 and isinstance(text, str)
+        assert len(alts) == 3 and alts[0][1] == tid and abs(alts[0][0] - lp) < 1e-5  # greedy = top 1
+        assert alts[0][0] >= alts[1][0] >= alts[2][0]
+    plain = engine.generate("Log my probs", GREEDY)
+    assert "output_token_logprobs" not in plain["meta_info"]
+    assert plain["output_ids"] == out["output_ids"]
+    with pytest.raises(ValueError, match="top_logprobs_num"):
+        engine.generate("x", GREEDY, return_logprob=True, top_logprobs_num=99)

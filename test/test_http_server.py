@@ -43,7 +43,8 @@ def assert_no_leak(server):
     assert state["kv_used_tokens"] == state["cache_evictable_tokens"]  # only the cache holds KV
     assert requests.post(server.url + "/flush_cache", timeout=10).status_code == 200
     state = requests.get(server.url + "/get_server_info", timeout=10).json()["internal_states"][0]
-    assert state["kv_used_tokens"] == 0
+    assert state["kv_used_tokens"] == 0 and state["kv_free_tokens"] == state["kv_capacity_tokens"]
+    assert state["cache_size_tokens"] == 0
 
 
 def read_sse(response):

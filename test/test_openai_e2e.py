@@ -76,3 +76,16 @@ def test_outputs_equal_the_engine(tiny_qwen3, client):
     assert [o["text"] for o in out] == http
     time.sleep(0.5)
     assert not any(alive(pid) for pid in pids)
+
+
+def test_logprobs(client):
+    out = client.completions.create(model="tiny", prompt="Log probs", max_tokens=5, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == 5 and all(x <= 0 for x in lp.token_logprobs)
+    assert all(len(alts) == 2 for alts in lp.top_logprobs)
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+        logprobs=True, top_logprobs=2,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)

@@ -9,6 +9,8 @@ and are handed to the cache (or freed) when it finishes.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,20 @@ from mem_cache.memory_pool import ReqToTokenPool
 from model_executor.forward_batch import ForwardBatch, ForwardMode
 
 EMPTY_SLOTS = torch.empty(0, dtype=torch.int64)
+
+
+def eos_token_ids_of(model_path: str, tokenizer: Any | None = None) -> frozenset[int]:
+    """Every id that ends generation: generation_config.json's eos_token_id
+    (an int or a list: chat models often list several) plus the tokenizer's."""
+    ids: set[int] = set()
+    path = os.path.join(model_path, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
 
 
 @dataclass(eq=False)

@@ -20,9 +20,7 @@ which is discarded and its KV released with the rest.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -42,20 +40,6 @@ logger = logging.getLogger(__name__)
 # Waiting requests whose next this-many uncached tokens equal those of a
 # request being prefilled wait for it instead of computing them again.
 SHARED_PREFIX_CLAIM_TOKENS = 32
-
-
-def eos_token_ids_of(model_path: str, tokenizer: Any | None = None) -> frozenset[int]:
-    """Every id that ends generation: generation_config.json's eos_token_id
-    (an int or a list: chat models often list several) plus the tokenizer's."""
-    ids: set[int] = set()
-    path = os.path.join(model_path, "generation_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
 
 
 @dataclass
@@ -408,7 +392,7 @@ class Scheduler:
 
     def _process_result(self, done: _InFlight, result: StepResult, next_batch: _InFlight | None) -> None:
         batch, ids = done.batch, result.next_token_ids.tolist()
-        logprobs = _per_row_logprobs(result)
+        logprobs = result.per_row_logprobs()
         placeholders = done.placeholders.tolist() if done.placeholders is not None else [None] * len(ids)
         in_next = set(map(id, next_batch.batch.reqs)) if next_batch is not None else set()
         rows = zip(batch.reqs, batch.decoding, batch.partial_chunk, ids, placeholders, logprobs)
@@ -501,14 +485,3 @@ class Scheduler:
         if req.finished():
             self.requests.pop(req.rid, None)
 
-
-def _per_row_logprobs(result: StepResult) -> list[tuple[float, list[tuple[float, int]]] | None]:
-    """Per batch row: (sampled token's logprob, [(logprob, id) of the top k]), or None."""
-    rows = len(result.next_token_ids)
-    if result.token_logprobs is None:
-        return [None] * rows
-    token = result.token_logprobs.tolist()
-    if result.top_logprobs is None:
-        return [(lp, []) for lp in token]
-    top = [list(zip(v, i)) for v, i in zip(result.top_logprobs.tolist(), result.top_ids.tolist())]
-    return list(zip(token, top))

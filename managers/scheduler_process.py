@@ -59,7 +59,8 @@ def run_scheduler_process(server_args, port_args: PortArgs, ready: Connection) -
     try:
         from transformers import AutoTokenizer
 
-        from managers.scheduler import Scheduler, eos_token_ids_of
+        from managers.schedule_batch import eos_token_ids_of
+        from managers.scheduler import Scheduler
 
         tokenizer = None
         if not server_args.skip_tokenizer_init:

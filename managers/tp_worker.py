@@ -34,6 +34,17 @@ class StepResult:
     top_logprobs: torch.Tensor | None = None  # [B, K]
     top_ids: torch.Tensor | None = None  # [B, K]
 
+    def per_row_logprobs(self) -> list[tuple[float, list[tuple[float, int]]] | None]:
+        """Per batch row: (sampled token's logprob, [(logprob, id) of the top k]), or None."""
+        rows = len(self.next_token_ids)
+        if self.token_logprobs is None:
+            return [None] * rows
+        token = self.token_logprobs.tolist()
+        if self.top_logprobs is None:
+            return [(lp, []) for lp in token]
+        top = [list(zip(v, i)) for v, i in zip(self.top_logprobs.tolist(), self.top_ids.tolist())]
+        return list(zip(token, top))
+
     def cpu(self) -> StepResult:
         move = lambda t: None if t is None else t.cpu()  # noqa: E731
         return StepResult(*(move(t) for t in (self.next_token_ids, self.token_logprobs, self.top_logprobs, self.top_ids)))

@@ -84,7 +84,7 @@ def test_eos_ids_come_from_generation_config_and_tokenizer(tiny_qwen3, tmp_path)
     import json
     import shutil
 
-    from managers.scheduler import eos_token_ids_of
+    from managers.schedule_batch import eos_token_ids_of
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_qwen3))
     assert eos_token_ids_of(str(tiny_qwen3)) == {tokenizer.eos_token_id}

@@ -1,4 +1,4 @@
-"""Offline throughput: drive the scheduler in-process with a synthetic workload.
+"""Offline throughput: the offline Engine (whole runtime, no HTTP) on a synthetic workload.
 
     python -m benchmark.bench_offline_throughput --dataset generated-shared-prefix --compare radix-cache
 
@@ -10,23 +10,24 @@ Workloads:
   prompt followed by its own question (the radix cache's best case).
 
 With --compare, a second configuration (the named feature toggled) runs the
-same workload, the two alternating round by round in one process, and the
-ratio is printed. Every round starts from an empty cache.
+same workload; with --compare-hf, transformers `generate` does (static
+batches of --hf-batch-size, left padded). All alternate round by round in
+one process and the ratios are printed. Every round starts from an empty
+cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+from collections.abc import Callable
 import statistics
 import time
 
 import torch
 
-from managers.io_struct import TokenizedGenerateReq
-from managers.sampling_params import SamplingParams
-from managers.scheduler import Scheduler, SchedulerConfig
-from model_executor.model_config import ModelRunnerConfig
+from runtime.engine import Engine
 
 Workload = list[tuple[list[int], int, int]]  # (input ids, max_new_tokens, shareable prefix length)
 
@@ -54,19 +55,7 @@ def shared_prefix_workload(args: argparse.Namespace, vocab: int, gen: torch.Gene
     return out
 
 
-def run_once(sched: Scheduler, workload: Workload) -> dict:
-    assert sched.flush_cache()
-    start = time.perf_counter()
-    for i, (ids, max_new, _) in enumerate(workload):
-        params = SamplingParams(max_new_tokens=max_new, temperature=0.0, ignore_eos=True)
-        sched.add_request(TokenizedGenerateReq(f"req-{i}", ids, params))
-    cached = output = 0
-    for out in sched.run_until_idle():
-        for finish, completion, hit in zip(out.finished_reasons, out.completion_tokens, out.cached_tokens):
-            if finish is not None:
-                output += completion
-                cached += hit
-    elapsed = time.perf_counter() - start
+def summarize(workload: Workload, elapsed: float, output: int, cached: int) -> dict:
     inputs = sum(len(ids) for ids, _, _ in workload)
     shareable = sum(share for _, _, share in workload)
     return {
@@ -79,33 +68,69 @@ def run_once(sched: Scheduler, workload: Workload) -> dict:
     }
 
 
-def build_scheduler(args: argparse.Namespace, model_path: str, toggle: str | None) -> Scheduler:
+def run_engine(engine: Engine, workload: Workload) -> dict:
+    """All requests submitted at once; the scheduler batches them."""
+    assert engine.flush_cache()
+    params = [{"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True} for _, n, _ in workload]
+    start = time.perf_counter()
+    results = engine.generate(input_ids=[ids for ids, _, _ in workload], sampling_params=params, show_progress=False)
+    elapsed = time.perf_counter() - start
+    output = sum(r["meta_info"]["completion_tokens"] for r in results)
+    cached = sum(r["meta_info"]["cached_tokens"] for r in results)
+    return summarize(workload, elapsed, output, cached)
+
+
+def run_hf(model, workload: Workload, batch_size: int, pad_id: int) -> dict:
+    """transformers `generate` in static batches of `batch_size`, left padded,
+    greedy, EOS ignored; each batch runs to its longest requested output, but
+    only the requested tokens count as output."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for first in range(0, len(workload), batch_size):
+            chunk = workload[first : first + batch_size]
+            width = max(len(ids) for ids, _, _ in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, (ids, _, _) in enumerate(chunk):
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                mask[row, width - len(ids) :] = 1
+            new = max(n for _, n, _ in chunk)
+            model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=pad_id)
+    elapsed = time.perf_counter() - start
+    return summarize(workload, elapsed, sum(n for _, n, _ in workload), 0)
+
+
+def engine_args(args: argparse.Namespace, model_path: str, toggle: str | None) -> dict:
     radix = not args.disable_radix_cache
     overlap = not args.disable_overlap
     if toggle == "radix-cache":
         radix = not radix
     elif toggle == "overlap":
         overlap = not overlap
-    runner_config = ModelRunnerConfig(
+    return dict(
         model_path=model_path,
         dtype=args.dtype,
+        device="cpu" if not torch.cuda.is_available() else "cuda",
         page_size=args.page_size,
         max_total_tokens=args.max_total_tokens,
         max_running_requests=args.max_running_requests,
-    )
-    config = SchedulerConfig(
-        chunked_prefill_size=args.chunked_prefill_size if args.chunked_prefill_size > 0 else None,
+        chunked_prefill_size=args.chunked_prefill_size,
         schedule_policy=args.schedule_policy,
         disable_radix_cache=not radix,
-        enable_overlap=overlap,
+        disable_overlap=not overlap,
     )
-    return Scheduler(runner_config, config)
 
 
 def label(args: argparse.Namespace, toggle: str | None) -> str:
     radix = not args.disable_radix_cache ^ (toggle == "radix-cache")
     overlap = not args.disable_overlap ^ (toggle == "overlap")
     return f"radix={'on' if radix else 'off'},overlap={'on' if overlap else 'off'}"
+
+
+def _vocab_size(model_path: str) -> int:
+    with open(os.path.join(model_path, "config.json")) as f:
+        return json.load(f)["vocab_size"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -132,6 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--disable-overlap", action="store_true")
     p.add_argument("--compare", choices=["radix-cache", "overlap"], default=None,
                    help="also run with this feature toggled, alternating, and print the ratio")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="also run transformers generate on the same prompts, alternating, and print the ratio")
+    p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -143,19 +171,33 @@ def main(argv: list[str] | None = None) -> dict:
 
         model_path = str(demo_model_path("qwen3", args.demo_size))
     toggles = [None] + ([args.compare] if args.compare else [])
-    schedulers = {label(args, t): build_scheduler(args, model_path, t) for t in toggles}
-    vocab = next(iter(schedulers.values())).vocab_size
+    engines = {label(args, t): Engine(**engine_args(args, model_path, t)) for t in toggles}
+    runs_fn: dict[str, Callable[[], dict]] = {
+        name: (lambda e=engine: run_engine(e, workload)) for name, engine in engines.items()
+    }
+    vocab = _vocab_size(model_path)
     make = random_workload if args.dataset == "random" else shared_prefix_workload
     workload = make(args, vocab, torch.Generator().manual_seed(args.seed))
+    if args.compare_hf:
+        from transformers import AutoModelForCausalLM
 
-    for sched in schedulers.values():  # warm-up on a slice of the workload
-        run_once(sched, workload[:2])
-    runs: dict[str, list[dict]] = {name: [] for name in schedulers}
-    for _ in range(args.rounds):
-        for name, sched in schedulers.items():
-            runs[name].append(run_once(sched, workload))
-    for sched in schedulers.values():
-        sched.shutdown()
+        hf_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval()
+        pad_id = hf_model.generation_config.pad_token_id or 0
+        runs_fn["transformers"] = lambda: run_hf(hf_model, workload, args.hf_batch_size, pad_id)
+
+    try:
+        for name, fn in runs_fn.items():  # warm-up on a slice of the workload
+            if name == "transformers":
+                run_hf(hf_model, workload[:2], 2, pad_id)
+            else:
+                run_engine(engines[name], workload[:2])
+        runs: dict[str, list[dict]] = {name: [] for name in runs_fn}
+        for _ in range(args.rounds):
+            for name, fn in runs_fn.items():
+                runs[name].append(fn())
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
 
     summary = {
         name: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None for key in rs[0]}
@@ -163,9 +205,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result: dict = {"config": vars(args) | {"model_path": model_path}, "results": summary}
     names = list(summary)
-    if len(names) == 2:
-        a, b = summary[names[0]], summary[names[1]]
-        result["throughput_ratio"] = round(a["output_tok_per_s"] / b["output_tok_per_s"], 3)
+    if len(names) >= 2:
+        ours = summary[names[0]]
+        result["throughput_ratio"] = {
+            other: round(ours["output_tok_per_s"] / summary[other]["output_tok_per_s"], 3) for other in names[1:]
+        }
     if args.json:
         print(json.dumps(result))
     else:
@@ -177,10 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{s['output_tok_per_s']:8.1f} out tok/s  hit rate {s['cache_hit_rate']:.1%} "
                 f"(of shareable: {shareable})"
             )
-        if "throughput_ratio" in result:
-            print(f"{names[0]} / {names[1]} throughput: {result['throughput_ratio']}x")
+        for other, ratio in result.get("throughput_ratio", {}).items():
+            print(f"{names[0]} / {other} output throughput: {ratio}x")
     return result
 
 
 if __name__ == "__main__":
     main()
+

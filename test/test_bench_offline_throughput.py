@@ -16,7 +16,7 @@ def test_shared_prefix_workload_hits_the_cache(tiny_qwen3):
     on, off = result["results"]["radix=on,overlap=on"], result["results"]["radix=off,overlap=on"]
     assert on["hit_of_shareable"] >= 0.9
     assert off["cache_hit_rate"] == 0
-    assert result["throughput_ratio"] > 0
+    assert result["throughput_ratio"]["radix=off,overlap=on"] > 0
 
 
 def test_random_workload_runs(tiny_qwen3):
@@ -27,3 +27,13 @@ def test_random_workload_runs(tiny_qwen3):
     ])
     (summary,) = result["results"].values()
     assert summary["output_tok_per_s"] > 0 and summary["hit_of_shareable"] is None
+
+
+def test_compare_hf_prints_a_ratio(tiny_qwen3, capsys):
+    result = main([
+        "--model-path", str(tiny_qwen3), "--dtype", "float32", "--num-prompts", "6",
+        "--random-input-len", "40", "--random-output-len", "6", "--rounds", "1", "--compare-hf",
+        "--hf-batch-size", "4", "--max-total-tokens", "4096",
+    ])
+    assert result["throughput_ratio"]["transformers"] > 0
+    assert "/ transformers output throughput" in capsys.readouterr().out

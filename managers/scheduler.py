@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from managers.iteration_timings import IterationTimings
+from managers.scheduler_config import SchedulerConfig
 from managers.io_struct import AbortReq, BatchTokenIDOut, FinishReason, TokenizedGenerateReq
 from managers.schedule_batch import EMPTY_SLOTS, Req, ScheduleBatch
 from managers.sampling_params import SamplingParams
@@ -40,18 +42,6 @@ logger = logging.getLogger(__name__)
 # Waiting requests whose next this-many uncached tokens equal those of a
 # request being prefilled wait for it instead of computing them again.
 SHARED_PREFIX_CLAIM_TOKENS = 32
-
-
-@dataclass
-class SchedulerConfig:
-    max_prefill_tokens: int = 16384
-    chunked_prefill_size: int | None = 8192  # None: no chunking
-    schedule_policy: str = "lpm"
-    disable_radix_cache: bool = False
-    enable_overlap: bool = True
-    # Share of running requests' remaining max_new_tokens reserved when
-    # admitting new ones (an estimate; retraction corrects a wrong one).
-    new_token_ratio: float = 0.5
 
 
 @dataclass
@@ -97,6 +87,7 @@ class Scheduler:
         self.pending_output = BatchTokenIDOut()
         self.num_retractions = 0
         self.prefix_claims: dict[tuple[int, ...], Req] = {}  # see _prefix_claim
+        self.timings = IterationTimings()
 
     # -- requests in -------------------------------------------------------------
 
@@ -174,6 +165,7 @@ class Scheduler:
             "cache_protected_tokens": cache.protected_size(),
             "cache_hit_rate": cache.hit_rate(),
             "retractions": self.num_retractions,
+            **self.timings.summary(),
         }
 
     def is_idle(self) -> bool:
@@ -183,25 +175,42 @@ class Scheduler:
 
     def step(self) -> BatchTokenIDOut:
         """One iteration; returns what it produced for the detokenizer."""
-        self._apply_aborts()
-        if self.inflight is not None and self._needs_fresh_state():
-            # Penalties need the previous token's counts: no planning ahead.
-            self._process_result(self.inflight, self.executor.result(), None)
-            self.inflight = None
-        batch = self._next_batch()
+        clock = self.timings
+        with clock.phase("process"):
+            self._apply_aborts()
+            if self.inflight is not None and self._needs_fresh_state():
+                # Penalties need the previous token's counts: no planning ahead.
+                self._process_result(self.inflight, self._wait_result(), None)
+                self.inflight = None
+        with clock.phase("schedule"):
+            batch = self._next_batch()
         launched = None
         if batch is not None:
-            placeholders = self.executor.launch(batch.forward_batch(), batch.top_logprobs_num())
+            with clock.phase("prepare"):
+                forward_batch = batch.forward_batch()
+            with clock.phase("forward"):
+                placeholders = self.executor.launch(forward_batch, batch.top_logprobs_num())
             self._on_launch(batch, placeholders)
             launched = _InFlight(batch, placeholders)
+        done = self.inflight if self.config.enable_overlap else launched
+        if done is not None:
+            result = self._wait_result()
+            with clock.phase("process"):
+                self._process_result(done, result, launched if self.config.enable_overlap else None)
         if self.config.enable_overlap:
-            if self.inflight is not None:
-                self._process_result(self.inflight, self.executor.result(), launched)
             self.inflight = launched
-        elif launched is not None:
-            self._process_result(launched, self.executor.result(), None)
+        if batch is not None:
+            clock.iterations += 1
+            if clock.iterations % 200 == 0 and logger.isEnabledFor(logging.DEBUG):
+                logger.debug("iteration timings: %s", clock.summary())
         out, self.pending_output = self.pending_output, BatchTokenIDOut()
         return out
+
+    def _wait_result(self) -> StepResult:
+        """Forward + sampling as the scheduler sees it: under overlap only the
+        part not hidden behind its own CPU work."""
+        with self.timings.phase("forward"):
+            return self.executor.result()
 
     def _needs_fresh_state(self) -> bool:
         def penalised(r: Req) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from managers.scheduler import SchedulerConfig
+    from managers.scheduler_config import SchedulerConfig
     from model_executor.model_config import ModelRunnerConfig
 
 
@@ -219,7 +219,7 @@ class ServerArgs:
         )
 
     def scheduler_config(self) -> SchedulerConfig:
-        from managers.scheduler import SchedulerConfig
+        from managers.scheduler_config import SchedulerConfig
 
         return SchedulerConfig(
             max_prefill_tokens=self.max_prefill_tokens,

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from managers.io_struct import TokenizedGenerateReq
 from managers.sampling_params import SamplingParams
-from managers.scheduler import Scheduler, SchedulerConfig
+from managers.scheduler import Scheduler
+from managers.scheduler_config import SchedulerConfig
 from model_executor.model_config import ModelRunnerConfig
 
 

@@ -205,3 +205,14 @@ def test_parallel_samples_share_the_prompt(tiny_qwen3):
     assert len({tuple(o.output_ids) for o in outcomes.values()}) > 1  # different seeds, different samples
     assert_no_leak(sched)
     sched.shutdown()
+
+
+def test_iteration_timings_are_reported(tiny_qwen3):
+    sched = make_scheduler(tiny_qwen3, overlap=True)
+    run(sched, mixed_workload(8))
+    stats = sched.stats()
+    assert stats["iterations"] > 0
+    assert all(stats[f"{p}_ms_per_iter"] > 0 for p in ("schedule", "prepare", "forward", "process"))
+    assert 0 < stats["overhead_fraction"] < 1
+    assert_no_leak(sched)
+    sched.shutdown()

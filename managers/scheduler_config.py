@@ -1,0 +1,20 @@
+"""What the scheduler needs to know from the server arguments.
+
+Its own module so that building it (runtime/server_args.py) imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SchedulerConfig:
+    max_prefill_tokens: int = 16384
+    chunked_prefill_size: int | None = 8192  # None: no chunking
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    enable_overlap: bool = True
+    # Share of running requests' remaining max_new_tokens reserved when
+    # admitting new ones (an estimate; retraction corrects a wrong one).
+    new_token_ratio: float = 0.5

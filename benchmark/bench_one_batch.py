@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model_executor.batch_runner import BatchRunner
-from model_executor.model_config import ModelRunnerConfig, resolve_dtype
+from model_executor.model_config import ModelRunnerConfig
 from model_executor.model_runner import ModelRunner
 
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compare_hf:
         from transformers import AutoModelForCausalLM
 
-        hf_dtype = resolve_dtype(args.dtype, runner.model_config.hf_config)
+        hf_dtype = runner.dtype  # same dtype as ours, whatever "auto" resolved to
         hf_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=hf_dtype).to(args.device).eval()
         hf_prompts = prompts.to(args.device)
         engines["transformers"] = lambda: run_hf(hf_model, hf_prompts, args.output_len)

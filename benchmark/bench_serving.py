@@ -223,6 +223,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, backend: Backen
     _, make_payload, update = backend
     out = RequestOutput(prompt_tokens=req.prompt_len)
     start = last = time.perf_counter()
+    first = True
     try:
         async with session.post(url, json=make_payload(req, args)) as response:
             if response.status != 200:
@@ -238,8 +239,8 @@ async def send_request(session: aiohttp.ClientSession, url: str, backend: Backen
                     return out
                 if update(out, event):
                     now = time.perf_counter()
-                    if out.ttft == 0.0:
-                        out.ttft = now - start
+                    if first:
+                        out.ttft, first = now - start, False
                     else:
                         out.itl.append(now - last)
                     last = now
@@ -247,7 +248,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, backend: Backen
                 out.error = "stream ended without [DONE]"
                 return out
             out.latency = time.perf_counter() - start
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- one broken request must not end the run
         out.error = f"{type(exc).__name__}: {exc}"
     return out
 

@@ -63,7 +63,11 @@ def read_rope_config(hf_config: Any) -> RopeConfig:
     return RopeConfig(theta=float(theta), rope_type=rope_type, params=merged)
 
 
-def resolve_dtype(dtype: str, hf_config: Any) -> torch.dtype:
+def resolve_dtype(dtype: str, hf_config: Any, device: str = "cuda") -> torch.dtype:
+    if dtype == "auto" and str(device).startswith("cpu"):
+        # bf16 is the fast path on CPUs (AVX-512 bf16 / AMX); fp16 GEMMs are
+        # slow there and fp32 doubles the memory traffic of decode.
+        return torch.bfloat16
     if dtype == "auto":
         saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         if isinstance(saved, str):
@@ -95,7 +99,11 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(
-        cls, model_path: str, dtype: str = "auto", context_length: int | None = None
+        cls,
+        model_path: str,
+        dtype: str = "auto",
+        context_length: int | None = None,
+        device: str = "cuda",
     ) -> "ModelConfig":
         # Imported here so that importing this module stays cheap.
         from transformers import AutoConfig
@@ -121,7 +129,7 @@ class ModelConfig:
             model_path=model_path,
             hf_config=hf_config,
             architecture=architecture,
-            dtype=resolve_dtype(dtype, hf_config),
+            dtype=resolve_dtype(dtype, hf_config, device),
             context_len=context_length or max_pos,
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.hidden_size,

@@ -53,7 +53,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         torch.manual_seed(config.random_seed)
         self.model_config = ModelConfig.from_pretrained(
-            config.model_path, config.dtype, config.context_length
+            config.model_path, config.dtype, config.context_length, config.device
         )
         self.dtype = self.model_config.dtype
         self.tp = tp or TPContext(rank=config.tp_rank, size=config.tp_size)

@@ -152,3 +152,10 @@ def test_unsupported_rope_type_is_named(tiny_qwen3, tmp_path):
     _edit_config(bad, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}, rope_scaling=None)
     with pytest.raises(ValueError, match="dynamic"):
         make_runner(bad)
+
+
+def test_auto_dtype_is_bf16_on_cpu_even_for_fp32_checkpoints(tiny_qwen3, tmp_path):
+    fp32 = _copy_checkpoint(tiny_qwen3, tmp_path / "fp32")
+    _edit_config(fp32, dtype="float32", torch_dtype="float32")
+    runner = make_runner(fp32, dtype="auto")
+    assert runner.dtype == torch.bfloat16

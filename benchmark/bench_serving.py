@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import sys
@@ -26,6 +27,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+from tqdm import tqdm
 
 MAX_ERRORS_REPORTED = 5
 # ShareGPT filters (SGLang's): drop degenerate turns and ones too long for a 2k-context model.
@@ -326,9 +328,7 @@ def build_report(args: argparse.Namespace, outputs: list[RequestOutput], duratio
 
 def print_report(report: dict[str, Any]) -> None:
     print(f"{' Serving Benchmark Result ':=^60}")
-    for key, value in report.items():
-        if key == "errors":
-            continue
+    for key, value in ((k, v) for k, v in report.items() if k != "errors"):
         shown = "n/a" if value is None else f"{value:.2f}" if isinstance(value, float) else value
         print(f"{key:<40}{shown:>20}")
     for message in report["errors"]:
@@ -372,28 +372,21 @@ async def run_benchmark(args: argparse.Namespace) -> dict:
         requests = DATASETS[args.dataset](args, tokenizer, rng)
         backend = BACKENDS[args.backend]
         url = args.base_url + backend[0]
-        limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-        pbar = None
-        if not args.disable_tqdm:
-            from tqdm.asyncio import tqdm
-            pbar = tqdm(total=len(requests))
+        # nullcontext: without --max-concurrency nothing holds requests back.
+        limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else contextlib.nullcontext()
+        pbar = tqdm(total=len(requests), disable=args.disable_tqdm)
 
         async def one(req: RequestInput) -> RequestOutput:
-            if limit is None:
+            async with limit:
                 out = await send_request(session, url, backend, req, args)
-            else:
-                async with limit:
-                    out = await send_request(session, url, backend, req, args)
-            if pbar is not None:
-                pbar.update(1)
+            pbar.update(1)
             return out
 
         start = time.perf_counter()
         tasks = [asyncio.create_task(one(req)) async for req in arrivals(requests, args.request_rate, rng)]
         outputs = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-        if pbar is not None:
-            pbar.close()
+        pbar.close()
     for out in outputs:
         if out.success:
             # The server's counts are exact (and include the chat template); re-tokenizing is the fallback.
@@ -423,11 +416,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths are uniform in [len * (1 - ratio), len]")
-    p.add_argument("--gsp-num-groups", type=int, default=8)
-    p.add_argument("--gsp-prompts-per-group", type=int, default=16)
-    p.add_argument("--gsp-system-prompt-len", type=int, default=1024)
-    p.add_argument("--gsp-question-len", type=int, default=128)
-    p.add_argument("--gsp-output-len", type=int, default=128)
+    for name, default in [("num-groups", 8), ("prompts-per-group", 16), ("system-prompt-len", 1024),
+                          ("question-len", 128), ("output-len", 128)]:
+        p.add_argument(f"--gsp-{name}", type=int, default=default)
     p.add_argument("--sharegpt-output-len", type=int, default=None, help="override the reply's length")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
     p.add_argument("--max-concurrency", type=int, default=None)

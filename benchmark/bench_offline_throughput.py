@@ -101,9 +101,14 @@ def run_hf(model, workload: Workload, batch_size: int, pad_id: int) -> dict:
     return summarize(workload, elapsed, sum(n for _, n, _ in workload), 0)
 
 
+def overlap_default(args: argparse.Namespace) -> bool:
+    # As the server: on by default on GPUs, opt-in on CPU.
+    return not args.disable_overlap and (torch.cuda.is_available() or args.enable_cpu_overlap)
+
+
 def engine_args(args: argparse.Namespace, model_path: str, toggle: str | None) -> dict:
     radix = not args.disable_radix_cache
-    overlap = not args.disable_overlap
+    overlap = overlap_default(args)
     if toggle == "radix-cache":
         radix = not radix
     elif toggle == "overlap":
@@ -119,12 +124,13 @@ def engine_args(args: argparse.Namespace, model_path: str, toggle: str | None) -
         schedule_policy=args.schedule_policy,
         disable_radix_cache=not radix,
         disable_overlap=not overlap,
+        enable_cpu_overlap=overlap,
     )
 
 
 def label(args: argparse.Namespace, toggle: str | None) -> str:
     radix = not args.disable_radix_cache ^ (toggle == "radix-cache")
-    overlap = not args.disable_overlap ^ (toggle == "overlap")
+    overlap = overlap_default(args) ^ (toggle == "overlap")
     return f"radix={'on' if radix else 'off'},overlap={'on' if overlap else 'off'}"
 
 
@@ -155,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--schedule-policy", default="lpm", choices=["fcfs", "lpm", "dfs-weight"])
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument("--disable-overlap", action="store_true")
+    p.add_argument("--enable-cpu-overlap", action="store_true", help="overlap scheduling on CPU (off by default)")
     p.add_argument("--compare", choices=["radix-cache", "overlap"], default=None,
                    help="also run with this feature toggled, alternating, and print the ratio")
     p.add_argument("--compare-hf", action="store_true",

@@ -74,6 +74,11 @@ class ServerArgs:
     )
     disable_radix_cache: bool = _arg(False, "Do not share prefixes between requests.")
     disable_overlap: bool = _arg(False, "Use the plain (non-overlapped) scheduler loop.")
+    enable_cpu_overlap: bool = _arg(
+        False,
+        "Overlap scheduling on CPU too. Off by default there: the forward thread and the "
+        "scheduler compete for the same cores (measured ~25%% slower on 2 cores).",
+    )
 
     # Kernels.
     disable_cuda_graph: bool = _arg(False, "Run decode without CUDA graphs.")
@@ -226,7 +231,8 @@ class ServerArgs:
             chunked_prefill_size=self.chunked_prefill_size if self.chunked_prefill_enabled else None,
             schedule_policy=self.schedule_policy,
             disable_radix_cache=self.disable_radix_cache,
-            enable_overlap=not self.disable_overlap,
+            enable_overlap=not self.disable_overlap
+            and (self.device != "cpu" or self.enable_cpu_overlap),
         )
 
 

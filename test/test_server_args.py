@@ -267,4 +267,7 @@ def test_scheduler_config_mapping():
     assert (config.schedule_policy, config.disable_radix_cache, config.enable_overlap) == ("fcfs", True, False)
     assert config.max_prefill_tokens == 999
     default = prepare_server_args(["--model-path", "m", "--device", "cpu"]).scheduler_config()
-    assert default.chunked_prefill_size == 8192 and default.enable_overlap and not default.disable_radix_cache
+    assert default.chunked_prefill_size == 8192 and not default.disable_radix_cache
+    assert not default.enable_overlap  # off on CPU unless asked for
+    assert prepare_server_args(["--model-path", "m", "--device", "cpu", "--enable-cpu-overlap"]).scheduler_config().enable_overlap
+    assert prepare_server_args(["--model-path", "m", "--device", "cuda"]).scheduler_config().enable_overlap

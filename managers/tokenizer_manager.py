@@ -64,6 +64,29 @@ def _check_type(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_request_types(obj: GenerateReqInput) -> None:
+    """JSON bodies can hold anything: refuse wrong shapes with a message, not a 500."""
+    text, ids = obj.text, obj.input_ids
+    if text is not None and not (isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text))):
+        raise ValueError("text must be a string or a list of strings")
+    if ids is not None:
+        flat = isinstance(ids, list) and all(_is_int(i) for i in ids)
+        nested = isinstance(ids, list) and all(isinstance(p, list) and all(_is_int(i) for i in p) for p in ids)
+        if not (flat or nested):
+            raise ValueError("input_ids must be a list of integers or a list of such lists")
+    params = obj.sampling_params
+    if params is not None and not isinstance(params, (dict, list)):
+        raise ValueError("sampling_params must be an object or a list of objects")
+    if not isinstance(obj.stream, bool) or not isinstance(obj.return_logprob, bool):
+        raise ValueError("stream and return_logprob must be true or false")
+    if obj.rid is not None and not isinstance(obj.rid, (str, list)):
+        raise ValueError("rid must be a string or a list of strings")
+
+
 @dataclass
 class _ReqState:
     rid: str
@@ -211,6 +234,7 @@ class TokenizerManager:
     def _tokenize_and_validate(self, obj: GenerateReqInput) -> list[TokenizedGenerateReq]:
         if (obj.text is None) == (obj.input_ids is None):
             raise ValueError("give exactly one of text or input_ids")
+        _check_request_types(obj)
         if obj.text is not None:
             texts = [obj.text] if isinstance(obj.text, str) else list(obj.text)
             if self.tokenizer is None:

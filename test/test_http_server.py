@@ -138,6 +138,11 @@ def test_abort_request_route(server):
         ({"input_ids": []}, "empty"),
         ({}, "exactly one of text or input_ids"),
         ([1, 2], "JSON object"),
+        ({"text": 5}, "text must be"),
+        ({"input_ids": ["a"]}, "input_ids must be"),
+        ({"text": "x", "sampling_params": 3}, "sampling_params must be"),
+        ({"text": "x", "stream": "yes"}, "stream and return_logprob"),
+        ({"text": "x", "return_logprob": True, "top_logprobs_num": 50}, "top_logprobs_num"),
     ],
 )
 def test_bad_input_is_a_400_and_the_server_keeps_working(server, body, fragment):

@@ -188,6 +188,9 @@ class TokenizerManager:
         if self.dead_reason is not None:
             raise ServerDeadError(self.dead_reason)
         reqs = self._tokenize_and_validate(obj)
+        for msg in reqs:
+            if msg.rid in self.states or f"{msg.rid}-0" in self.states:
+                raise ValueError(f"request id {msg.rid!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
         states: list[_ReqState] = []
         for prompt_index, msg in enumerate(reqs):

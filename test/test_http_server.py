@@ -116,6 +116,8 @@ def test_abort_request_route(server):
     t = threading.Thread(target=long_request)
     t.start()
     time.sleep(1.0)
+    duplicate = post(server, "/generate", {"text": "again", "rid": "to-abort", "sampling_params": greedy(2)})
+    assert duplicate.status_code == 400 and "already in use" in duplicate.json()["error"]["message"]
     assert post(server, "/abort_request", {"rid": "to-abort"}).status_code == 200
     t.join(30)
     assert result["out"]["meta_info"]["finish_reason"]["type"] == "abort"

@@ -145,12 +145,6 @@ class ScheduleBatch:
         self.prefix_lens: list[int] = []
         self.extend_lens: list[int] = []
 
-    def __len__(self) -> int:
-        return len(self.reqs)
-
-    def is_empty(self) -> bool:
-        return not self.reqs
-
     # -- preparing an iteration ------------------------------------------------
 
     def prepare_for_extend(self, decode_reqs: list[Req] | None = None) -> bool:
@@ -235,11 +229,3 @@ class ScheduleBatch:
             self.device,
             sampling_info=info,
         )
-
-    # -- batch membership --------------------------------------------------------
-
-    def filter(self, keep: list[Req]) -> None:
-        self.reqs = keep
-
-    def merge(self, other: ScheduleBatch) -> None:
-        self.reqs = self.reqs + [r for r in other.reqs if r not in self.reqs]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layers.cpu_gemm import packed_linear, prepack_weight
-from layers.linear import TPContext
+from layers.linear import Loaded, TPContext
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -27,7 +27,7 @@ class VocabParallelEmbedding(nn.Module):
             torch.empty(self.shard_size, hidden_size), requires_grad=False
         )
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
         if loaded.shape[0] != self.vocab_size or loaded.shape[1] != param.shape[1]:
             raise ValueError(
                 f"shape mismatch loading embedding: checkpoint {tuple(loaded.shape)}, "

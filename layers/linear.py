@@ -23,7 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layers.checkpoint_tensor import LazyCheckpointTensor, as_tensor
 from layers.cpu_gemm import packed_linear, prepack_weight
+
+# A checkpoint tensor as the weight loaders receive it: read or still on disk.
+Loaded = torch.Tensor | LazyCheckpointTensor
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ def _divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-def _take_shard(loaded: torch.Tensor, dim: int, index: int, size: int, full_size: int, name: str) -> torch.Tensor:
+def _take_shard(loaded: Loaded, dim: int, index: int, size: int, full_size: int, name: str) -> torch.Tensor:
     """Slice `index` (of width `size`) along `dim`, after checking the
     checkpoint tensor has the full, unsharded width there."""
     if loaded.dim() <= dim or loaded.shape[dim] != full_size:
@@ -59,13 +63,13 @@ def _take_shard(loaded: torch.Tensor, dim: int, index: int, size: int, full_size
     return loaded.narrow(dim, index * size, size)
 
 
-def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+def _copy_checked(param: torch.Tensor, loaded: Loaded, name: str) -> None:
     if param.shape != loaded.shape:
         raise ValueError(
             f"shape mismatch loading {name}: checkpoint {tuple(loaded.shape)}, "
             f"expected {tuple(param.shape)}"
         )
-    param.data.copy_(loaded)
+    param.data.copy_(as_tensor(loaded))
 
 
 class LinearBase(nn.Module):
@@ -94,7 +98,7 @@ class LinearBase(nn.Module):
 
 
 class ReplicatedLinear(LinearBase):
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
         _copy_checked(param, loaded, "replicated linear")
 
 
@@ -102,7 +106,7 @@ class ColumnParallelLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext) -> None:
         super().__init__(in_features, _divide(out_features, tp.size, "output features"), bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
         rows = param.shape[0]
         piece = _take_shard(loaded, 0, self.tp.rank, rows, rows * self.tp.size, "column-parallel linear")
         _copy_checked(param, piece, "column-parallel linear")
@@ -113,7 +117,7 @@ class MergedColumnParallelLinear(LinearBase):
         self.shard_sizes = [_divide(n, tp.size, "output features") for n in out_sizes]
         super().__init__(in_features, sum(self.shard_sizes), bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: int) -> None:
         size = self.shard_sizes[shard_id]
         offset = sum(self.shard_sizes[:shard_id])
         what = f"merged linear shard {shard_id}"
@@ -145,7 +149,7 @@ class QKVParallelLinear(LinearBase):
         self.kv_size = self.num_kv_heads * head_dim
         super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: str) -> None:
         if shard_id == "q":
             offset, size, rank, shards = 0, self.q_size, self.tp.rank, self.tp.size
         else:
@@ -161,7 +165,7 @@ class RowParallelLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext) -> None:
         super().__init__(_divide(in_features, tp.size, "input features"), out_features, bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
         if param.dim() == 1:  # the bias is added once, after the reduce
             _copy_checked(param, loaded, "row-parallel bias")
             return

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from layers.checkpoint_tensor import LazyCheckpointTensor
 from layers.linear import TPContext
 from model_executor.model_config import ModelConfig
 from model_executor.models.registry import get_model_class
@@ -42,11 +43,13 @@ def checkpoint_files(model_path: str) -> list[str]:
     )
 
 
-def iterate_weights(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(files: list[str]) -> Iterator[tuple[str, LazyCheckpointTensor]]:
+    """Every tensor of the checkpoint, unread: each layer reads only its
+    TP slice (see layers/checkpoint_tensor.py)."""
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, LazyCheckpointTensor(f.get_slice(name))
 
 
 def load_model(

@@ -71,6 +71,8 @@ class DemoSpec:
     seed: int = 0
     tie_word_embeddings: bool = False
     rope_scaling: str | None = None
+    # Overrides the size's KV-head count (TP tests need MHA and 1-KV-head models).
+    num_key_value_heads: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tie_word_embeddings", bool(self.tie_word_embeddings))  # None means False
@@ -82,13 +84,17 @@ class DemoSpec:
             raise ValueError(f"rope_scaling must be None or 'llama3', got {self.rope_scaling!r}")
 
     def marker(self) -> dict[str, Any]:
-        return {"version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        fields = dataclasses.asdict(self)
+        if fields["num_key_value_heads"] is None:  # keeps markers written before the field existed valid
+            del fields["num_key_value_heads"]
+        return {"version": FORMAT_VERSION, **fields}
 
     def dirname(self) -> str:
         parts = [self.arch, self.size]
         parts += [f"seed{self.seed}"] if self.seed else []
         parts += ["tied"] if self.tie_word_embeddings else []
         parts += [f"rope-{self.rope_scaling}"] if self.rope_scaling else []
+        parts += [f"kv{self.num_key_value_heads}"] if self.num_key_value_heads else []
         return "-".join(parts)
 
 
@@ -103,9 +109,10 @@ def demo_model_path(arch: str = "qwen3", size: str = "tiny", **kwargs: Any) -> p
 
 
 def make_demo_model(out_dir: str | os.PathLike[str], arch: str = "qwen3", size: str = "tiny", *, seed: int = 0,
-                    tie_word_embeddings: bool | None = None, rope_scaling: str | None = None) -> pathlib.Path:
+                    tie_word_embeddings: bool | None = None, rope_scaling: str | None = None,
+                    num_key_value_heads: int | None = None) -> pathlib.Path:
     """Write a random-weight HF checkpoint + tokenizer to `out_dir` (skipped if already there)."""
-    spec = DemoSpec(arch, size, seed, bool(tie_word_embeddings), rope_scaling)
+    spec = DemoSpec(arch, size, seed, bool(tie_word_embeddings), rope_scaling, num_key_value_heads)
     out = pathlib.Path(out_dir).absolute()
     if _read_marker(out) == spec.marker():
         return out
@@ -181,8 +188,11 @@ def _build_config(spec: DemoSpec, tokenizer: PreTrainedTokenizerFast) -> Pretrai
 
     prefix = ARCHS[spec.arch]
     config_cls = getattr(transformers, f"{prefix}Config")
+    dims = dict(SIZES[spec.size])
+    if spec.num_key_value_heads:
+        dims["num_key_value_heads"] = spec.num_key_value_heads
     config = config_cls(
-        **SIZES[spec.size],
+        **dims,
         **_rope_kwargs(config_cls, spec),
         attention_bias=spec.arch == "qwen2",  # Qwen2 has q/k/v biases, the others none
         tie_word_embeddings=spec.tie_word_embeddings,

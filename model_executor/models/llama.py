@@ -21,7 +21,8 @@ from torch import nn
 from layers.activation import SiluAndMul
 from layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from layers.layernorm import RMSNorm
-from layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, TPContext
+from layers.checkpoint_tensor import as_tensor
+from layers.linear import Loaded, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, TPContext
 from layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
 from layers.radix_attention import RadixAttention
 from layers.rotary import RopeTables, RotaryEmbedding, apply_rotary
@@ -197,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
         ("up_proj", "gate_up_proj", 1),
     )
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, Loaded]]) -> set[str]:
         """Copy checkpoint tensors into our (fused, sharded) parameters.
 
         Returns the checkpoint names that were used, so the loader can name
@@ -244,9 +245,9 @@ class LlamaForCausalLM(nn.Module):
         return names
 
 
-def _copy_plain(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+def _copy_plain(param: torch.Tensor, tensor: Loaded, name: str) -> None:
     if param.shape != tensor.shape:
         raise ValueError(
             f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, expected {tuple(param.shape)}"
         )
-    param.data.copy_(tensor)
+    param.data.copy_(as_tensor(tensor))

@@ -36,6 +36,7 @@ from managers.schedule_policy import AddResult, PrefillAdder, SchedulePolicy
 from managers.tp_worker import OverlapTpWorker, StepResult, SyncExecutor, TpModelWorker
 from mem_cache.radix_cache import NoSharingCache, RadixCache
 from model_executor.model_config import ModelRunnerConfig
+from model_executor.distributed import TPGroup
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +58,12 @@ class Scheduler:
         config: SchedulerConfig,
         tokenizer: Any | None = None,
         eos_token_ids: frozenset[int] = frozenset(),
+        tp_group: TPGroup | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer  # for stop strings only
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.worker = TpModelWorker(runner_config)
+        self.worker = TpModelWorker(runner_config, tp_group)
         runner = self.worker.model_runner
         self.device = runner.device
         self.vocab_size = runner.model_config.vocab_size

@@ -4,6 +4,11 @@ Receives `TokenizedGenerateReq` / `AbortReq` / `FlushCacheReq` /
 `GetInternalStateReq` from the tokenizer manager, sends each iteration's
 `BatchTokenIDOut` to the detokenizer and control replies straight back to
 the tokenizer manager. Blocks on its socket only while it has nothing to run.
+
+With tensor parallelism there is one such process per rank. Only rank 0 has
+sockets: each iteration it broadcasts the messages it received (or None:
+stop) over the TP group's control channel, every rank applies them and runs
+the same `step`, and only rank 0 sends the outputs on.
 """
 
 from __future__ import annotations
@@ -50,35 +55,51 @@ class PortArgs:
         )
 
 
-def run_scheduler_process(server_args, port_args: PortArgs, ready: Connection) -> None:
-    """Process entry point. `server_args` is a runtime.server_args.ServerArgs
-    (typed loosely: managers must not import runtime)."""
-    _configure_child_logging(server_args.log_level, "scheduler")
+def run_scheduler_process(
+    server_args, port_args: PortArgs, ready: Connection, tp_rank: int = 0, dist_init_addr: str | None = None
+) -> None:
+    """Process entry point for TP rank `tp_rank`. `server_args` is a
+    runtime.server_args.ServerArgs (typed loosely: managers must not import
+    runtime). Rank 0 owns the sockets; with tp_size > 1 it broadcasts what it
+    receives to the other ranks, and every rank runs the same schedule."""
+    tp_size = server_args.tp_size
+    _configure_child_logging(server_args.log_level, "scheduler" if tp_size == 1 else f"scheduler TP{tp_rank}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    stop = _StopFlag()
+    if tp_rank == 0:  # other ranks die on SIGTERM as usual; rank 0 notices at its next collective
+        signal.signal(signal.SIGTERM, stop.set)
     parent = os.getppid()
     try:
+        import torch
         from transformers import AutoTokenizer
 
         from managers.schedule_batch import eos_token_ids_of
         from managers.scheduler import Scheduler
+        from model_executor.distributed import DistInitConfig, init_tp_group
 
+        if tp_size > 1 and server_args.device == "cpu":
+            # The node's ranks share its cores; oversubscribed OpenMP teams
+            # spin against each other.
+            cores = len(os.sched_getaffinity(0))
+            torch.set_num_threads(max(1, cores // server_args.ranks_per_node))
+        runner_config = server_args.model_runner_config(tp_rank)
+        tp_group = None
+        if tp_size > 1:
+            tp_group = init_tp_group(
+                DistInitConfig(tp_size, tp_rank, dist_init_addr, runner_config.device, server_args.dist_timeout)
+            )
         tokenizer = None
         if not server_args.skip_tokenizer_init:
             tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
         scheduler = Scheduler(
-            server_args.model_runner_config(),
+            runner_config,
             server_args.scheduler_config(),
             tokenizer=tokenizer,
             eos_token_ids=eos_token_ids_of(server_args.model_path, tokenizer),
+            tp_group=tp_group,
         )
         runner = scheduler.worker.model_runner
-        context = zmq.Context(1)
-        recv = context.socket(zmq.PULL)
-        recv.bind(port_args.scheduler_input)
-        to_detokenizer = context.socket(zmq.PUSH)
-        to_detokenizer.connect(port_args.detokenizer_input)
-        to_tokenizer = context.socket(zmq.PUSH)
-        to_tokenizer.connect(port_args.tokenizer_input)
+        io = _RankZeroSockets(port_args) if tp_rank == 0 else None
         ready.send(
             SchedulerReady(
                 max_total_num_tokens=runner.max_total_num_tokens,
@@ -94,27 +115,81 @@ def run_scheduler_process(server_args, port_args: PortArgs, ready: Connection) -
         ready.send(err if isinstance(err, Exception) else RuntimeError(str(err)))
         sys.exit(1)
 
-    poller = zmq.Poller()
-    poller.register(recv, zmq.POLLIN)
     while True:
-        timeout = 0 if not scheduler.is_idle() else IDLE_POLL_MS
-        while poller.poll(timeout):
-            timeout = 0
-            msg = recv.recv_pyobj()
-            if isinstance(msg, TokenizedGenerateReq):
-                scheduler.add_request(msg)
-            elif isinstance(msg, AbortReq):
-                scheduler.abort_request(msg)
-            elif isinstance(msg, FlushCacheReq):
-                to_tokenizer.send_pyobj(FlushCacheReqOutput(scheduler.flush_cache()))
-            elif isinstance(msg, GetInternalStateReq):
-                to_tokenizer.send_pyobj(GetInternalStateReqOutput(scheduler.stats()))
+        if io is not None:
+            messages: list | None = None if stop.requested else io.receive(block=scheduler.is_idle())
+        if tp_group is not None:
+            try:
+                messages = tp_group.broadcast_object(messages if io is not None else None)
+            except RuntimeError as err:
+                logger.error("lost contact with the other TP ranks (%s); exiting", err)
+                sys.exit(1)
+        if messages is None:  # rank 0 was asked to stop; everyone stops
+            logger.info("scheduler stopping")
+            return
+        for msg in messages:
+            reply = _handle(scheduler, msg)
+            if reply is not None and io is not None:
+                io.to_tokenizer.send_pyobj(reply)
         if os.getppid() != parent:
             logger.error("parent process is gone; scheduler exiting")
             return
-        out = scheduler.step()
-        if out.rids:
-            to_detokenizer.send_pyobj(out)
+        try:
+            out = scheduler.step()
+        except RuntimeError as err:
+            if tp_group is None:
+                raise
+            logger.error("a TP collective failed (%s); another rank has probably died; exiting", err)
+            sys.exit(1)
+        if io is not None and out.rids:
+            io.to_detokenizer.send_pyobj(out)
+
+
+def _handle(scheduler, msg: object) -> object | None:
+    """Apply one message; the reply for the tokenizer manager, if any."""
+    if isinstance(msg, TokenizedGenerateReq):
+        scheduler.add_request(msg)
+    elif isinstance(msg, AbortReq):
+        scheduler.abort_request(msg)
+    elif isinstance(msg, FlushCacheReq):
+        return FlushCacheReqOutput(scheduler.flush_cache())
+    elif isinstance(msg, GetInternalStateReq):
+        return GetInternalStateReqOutput(scheduler.stats())
+    return None
+
+
+class _StopFlag:
+    """SIGTERM sets it; the loop finishes its iteration, then stops (on
+    rank 0 by telling the other ranks first)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def set(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+class _RankZeroSockets:
+    def __init__(self, port_args: PortArgs) -> None:
+        context = zmq.Context(1)
+        self.recv = context.socket(zmq.PULL)
+        self.recv.bind(port_args.scheduler_input)
+        self.to_detokenizer = context.socket(zmq.PUSH)
+        self.to_detokenizer.connect(port_args.detokenizer_input)
+        self.to_tokenizer = context.socket(zmq.PUSH)
+        self.to_tokenizer.connect(port_args.tokenizer_input)
+        self.poller = zmq.Poller()
+        self.poller.register(self.recv, zmq.POLLIN)
+
+    def receive(self, block: bool) -> list:
+        """Everything queued now; if `block`, first wait up to IDLE_POLL_MS
+        for something (so an idle server does not spin)."""
+        messages = []
+        timeout = IDLE_POLL_MS if block else 0
+        while self.poller.poll(timeout):
+            timeout = 0
+            messages.append(self.recv.recv_pyobj())
+        return messages
 
 
 def _configure_child_logging(level: str, name: str) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model_executor.distributed import TPGroup
 from model_executor.forward_batch import ForwardBatch
 from model_executor.model_config import ModelRunnerConfig
 from model_executor.model_runner import ModelRunner
@@ -51,13 +52,18 @@ class StepResult:
 
 
 class TpModelWorker:
-    def __init__(self, config: ModelRunnerConfig) -> None:
-        self.model_runner = ModelRunner(config)
+    def __init__(self, config: ModelRunnerConfig, tp_group: TPGroup | None = None) -> None:
+        self.model_runner = ModelRunner(config, tp_group)
+        self.tp_group = tp_group if tp_group is not None and tp_group.size > 1 else None
 
     def forward_batch_generation(self, batch: ForwardBatch, top_logprobs_num: int = -1) -> StepResult:
         """`top_logprobs_num` -1: no logprobs; 0: the sampled token's only; k: also the top k."""
         logits = self.model_runner.forward(batch)
         ids = self.model_runner.sample(logits, batch)
+        if self.tp_group is not None:
+            # Every rank sampled from the same gathered logits, but random
+            # draws need not agree: rank 0's ids are the ones all ranks keep.
+            ids = self.tp_group.broadcast_tensor(ids.contiguous())
         if top_logprobs_num < 0:
             return StepResult(ids)
         logprobs = torch.log_softmax(logits.next_token_logits.float(), dim=-1)

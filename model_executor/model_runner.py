@@ -18,6 +18,7 @@ from layers.logits_processor import LogitsProcessorOutput
 from layers.sampler import Sampler
 from mem_cache.allocator import TokenToKVPoolAllocator
 from mem_cache.memory_pool import KVPool, ReqToTokenPool
+from model_executor.distributed import TPGroup
 from model_executor.forward_batch import ForwardBatch
 from model_executor.model_config import ModelConfig, ModelRunnerConfig
 from model_executor.model_loader import load_model
@@ -48,15 +49,19 @@ def available_memory_bytes(device: torch.device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: ModelRunnerConfig, tp: TPContext | None = None) -> None:
+    def __init__(self, config: ModelRunnerConfig, tp_group: TPGroup | None = None) -> None:
+        """`tp_group`: this rank's TP group when tp_size > 1 (see distributed.py)."""
+        if config.tp_size > 1 and tp_group is None:
+            raise ValueError(f"tp_size {config.tp_size} needs a TP group (model_executor.distributed)")
         self.config = config
+        self.tp_group = tp_group
         self.device = torch.device(config.device)
         torch.manual_seed(config.random_seed)
         self.model_config = ModelConfig.from_pretrained(
             config.model_path, config.dtype, config.context_length, config.device
         )
         self.dtype = self.model_config.dtype
-        self.tp = tp or TPContext(rank=config.tp_rank, size=config.tp_size)
+        self.tp = tp_group.tp_context() if tp_group is not None else TPContext()
         self.model = load_model(self.model_config, self.device, self.tp)
         if config.cpu_weight_prepack and prepack_supported(self.device, self.dtype):
             for module in self.model.modules():
@@ -115,6 +120,10 @@ class ModelRunner:
                     per_token * self.config.max_running_requests * self.model_config.context_len,
                 )
             tokens = budget // per_token
+        if self.tp_group is not None:
+            # Every rank runs the same schedule, so all must fit the same
+            # number of tokens: the smallest rank decides.
+            tokens = self.tp_group.min_int(tokens)
         tokens = tokens // page * page
         if tokens < page:
             raise RuntimeError(

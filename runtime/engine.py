@@ -33,6 +33,11 @@ class Engine:
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("log_level", "error")
         self.server_args = ServerArgs(**kwargs)
+        if self.server_args.node_rank != 0:
+            raise ValueError(
+                "an Engine runs on node 0; start the other nodes with "
+                "`python -m runtime.launch_server --node-rank N ...`"
+            )
         self.children = launch_children(self.server_args)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import shutil
+import signal
+import socket
 import tempfile
 import threading
 import time
@@ -46,13 +48,16 @@ class ChildProcesses:
         return thread
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the children in start order: TP rank 0 first, which tells the
+        other ranks to stop (killing them first would make rank 0's last
+        broadcast fail), then the rest; whatever outlives `timeout` is killed."""
         self.stopping = True
+        deadline = time.monotonic() + timeout
         for proc in self.processes.values():
             if proc.is_alive():
                 proc.terminate()
-        deadline = time.monotonic() + timeout
+                proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self.processes.values():
-            proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
                 proc.join(1.0)
@@ -60,36 +65,97 @@ class ChildProcesses:
 
 
 def launch_children(server_args) -> ChildProcesses:
-    """Start both children and wait until each reports ready."""
+    """Start this node's scheduler ranks (and, on node 0, the detokenizer)
+    and wait until each reports ready. `ready` is rank 0's report on node 0,
+    this node's first rank's elsewhere."""
+    from model_executor.tp_layout import check_tp_layout
+
+    # Refuse a --tp-size the model cannot split before any rank starts.
+    check_tp_layout(server_args.model_path, server_args.tp_size)
+    dist_init_addr = server_args.dist_init_addr
+    if server_args.tp_size > 1 and dist_init_addr is None:
+        dist_init_addr = f"127.0.0.1:{free_port()}"
     # Short path: ipc:// socket paths must stay under ~100 characters.
     socket_dir = tempfile.mkdtemp(prefix="rxs-", dir="/tmp")
     port_args = PortArgs.in_dir(socket_dir)
     ctx = mp.get_context("spawn")
+    targets: list[tuple[str, Callable, tuple]] = []
+    for rank in server_args.local_tp_ranks():
+        name = "scheduler" if server_args.tp_size == 1 else f"scheduler_tp{rank}"
+        targets.append((name, run_scheduler_process, (rank, dist_init_addr)))
+    if server_args.node_rank == 0:
+        targets.append(("detokenizer", run_detokenizer_process, ()))
     processes: dict[str, mp.Process] = {}
     pipes = {}
-    for name, target in (("scheduler", run_scheduler_process), ("detokenizer", run_detokenizer_process)):
+    for name, target, extra in targets:
         reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=target, args=(server_args, port_args, writer), name=name, daemon=True)
+        proc = ctx.Process(target=target, args=(server_args, port_args, writer, *extra), name=name, daemon=True)
         proc.start()
         processes[name], pipes[name] = proc, reader
     children = ChildProcesses(processes, socket_dir, port_args, ready=None)  # type: ignore[arg-type]
     try:
-        reports = {name: _wait_ready(name, processes[name], pipe) for name, pipe in pipes.items()}
+        reports = _wait_all_ready(processes, pipes)
     except BaseException:
         children.shutdown()
         raise
-    children.ready = reports["scheduler"]
+    children.ready = reports[targets[0][0]]
     return children
 
 
-def _wait_ready(name: str, proc: mp.Process, pipe) -> object:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_all_ready(processes: dict[str, mp.Process], pipes: dict) -> dict[str, object]:
+    """Every child's ready report; the first failure (an exception sent on
+    its pipe, or an early exit) is raised at once, naming the child."""
+    reports: dict[str, object] = {}
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if pipe.poll(0.2):
-            report = pipe.recv()
-            if isinstance(report, BaseException):
-                raise RuntimeError(f"{name} process failed to start: {report}") from report
-            return report
-        if not proc.is_alive():
-            raise RuntimeError(f"{name} process exited during start-up with code {proc.exitcode}")
-    raise RuntimeError(f"{name} process not ready after {STARTUP_TIMEOUT_S} s")
+    while len(reports) < len(pipes):
+        if time.monotonic() > deadline:
+            late = ", ".join(sorted(set(pipes) - set(reports)))
+            raise RuntimeError(f"not ready after {STARTUP_TIMEOUT_S} s: {late}")
+        for name, pipe in pipes.items():
+            if name in reports:
+                continue
+            if pipe.poll(0.05):
+                try:
+                    report = pipe.recv()
+                except EOFError:  # it died before reporting
+                    processes[name].join(5)
+                    raise RuntimeError(
+                        f"{name} process exited during start-up with code {processes[name].exitcode}"
+                    ) from None
+                if isinstance(report, BaseException):
+                    raise RuntimeError(f"{name} process failed to start: {report}") from report
+                reports[name] = report
+            elif not processes[name].is_alive():
+                raise RuntimeError(f"{name} process exited during start-up with code {processes[name].exitcode}")
+    return reports
+
+
+def run_worker_node(server_args) -> int:
+    """Node rank > 0 of a multi-node deployment: run this node's TP ranks
+    until they stop (node 0's rank 0 tells them) or one dies; no HTTP."""
+    children = launch_children(server_args)
+    ranks = list(server_args.local_tp_ranks())
+    logger.info("node %d: TP ranks %s ready; requests are served by node 0", server_args.node_rank, ranks)
+    stopped = threading.Event()
+    exits: list[int | None] = []
+
+    def on_death(name: str, code: int | None) -> None:
+        exits.append(code)
+        stopped.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stopped.set())
+    children.watch(on_death)
+    while not stopped.wait(0.5):
+        pass
+    children.shutdown()
+    if exits and exits[0] != 0:
+        logger.error("node %d: a TP rank exited with code %s; stopping this node", server_args.node_rank, exits[0])
+        return 1
+    return 0

@@ -14,6 +14,10 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, server_args.log_level.upper()),
         format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
     )
+    if server_args.node_rank > 0:
+        from runtime.launch import run_worker_node
+
+        return run_worker_node(server_args)
     from runtime.http_server import launch_server
 
     return launch_server(server_args)

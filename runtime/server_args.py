@@ -95,7 +95,12 @@ class ServerArgs:
     nnodes: int = _arg(1, "Number of nodes.")
     node_rank: int = _arg(0, "Rank of this node, in 0..nnodes-1.")
     dist_init_addr: str | None = _arg(
-        None, "host:port for torch.distributed rendezvous; needed with --nnodes > 1."
+        None,
+        "host:port of rank 0's torch.distributed rendezvous (on node 0); needed with "
+        "--nnodes > 1, else a free local port is picked.",
+    )
+    dist_timeout: int = _arg(
+        300, "Seconds to wait for all TP ranks to join, and for any one collective."
     )
 
     # Serving.
@@ -129,7 +134,7 @@ class ServerArgs:
     def _validate(self) -> None:
         for name in (
             "page_size", "max_running_requests", "max_prefill_tokens",
-            "cuda_graph_max_bs", "tp_size", "nnodes", "stream_interval",
+            "cuda_graph_max_bs", "tp_size", "nnodes", "stream_interval", "dist_timeout",
         ):
             value = getattr(self, name)
             if value < 1:
@@ -166,11 +171,29 @@ class ServerArgs:
             )
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ValueError("--nnodes > 1 needs --dist-init-addr host:port")
+        if self.tp_size % self.nnodes:
+            raise ValueError(
+                f"--tp-size ({self.tp_size}) must be a multiple of --nnodes ({self.nnodes}): "
+                "each node runs the same number of ranks"
+            )
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"--dist-init-addr must be host:port, got {self.dist_init_addr!r}")
         # Triton is allowed on cpu: the tests run its kernels under TRITON_INTERPRET=1.
         if self.attention_backend == "flashinfer" and self.device != "cuda":
             raise ValueError(
                 f"--attention-backend flashinfer requires --device cuda, got {self.device}"
             )
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
+
+    def local_tp_ranks(self) -> range:
+        """The TP ranks whose scheduler processes this node runs."""
+        first = self.node_rank * self.ranks_per_node
+        return range(first, first + self.ranks_per_node)
 
     @property
     def chunked_prefill_enabled(self) -> bool:
@@ -207,10 +230,13 @@ class ServerArgs:
         if not 0 <= tp_rank < self.tp_size:
             raise ValueError(f"tp_rank must be in 0..{self.tp_size - 1}, got {tp_rank}")
         assert self.device is not None and self.attention_backend is not None
+        device = self.device
+        if device == "cuda" and self.tp_size > 1:
+            device = f"cuda:{tp_rank % self.ranks_per_node}"  # one GPU per local rank
         return ModelRunnerConfig(
             model_path=self.model_path,
             dtype=self.dtype,
-            device=self.device,
+            device=device,
             context_length=self.context_length,
             page_size=self.page_size,
             max_total_tokens=self.max_total_tokens,

@@ -35,8 +35,8 @@ from managers.sampling_params import SamplingParams
 from managers.schedule_policy import AddResult, PrefillAdder, SchedulePolicy
 from managers.tp_worker import OverlapTpWorker, StepResult, SyncExecutor, TpModelWorker
 from mem_cache.radix_cache import NoSharingCache, RadixCache
-from model_executor.model_config import ModelRunnerConfig
 from model_executor.distributed import TPGroup
+from model_executor.model_config import ModelRunnerConfig
 
 logger = logging.getLogger(__name__)
 

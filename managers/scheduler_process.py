@@ -111,7 +111,10 @@ def run_scheduler_process(
             )
         )
     except BaseException as err:
-        logger.exception("scheduler failed to start")
+        if type(err).__name__ == "RankJoinTimeout":  # a deployment mistake, not a bug: no traceback
+            logger.error("scheduler failed to start: %s", err)
+        else:
+            logger.exception("scheduler failed to start")
         ready.send(err if isinstance(err, Exception) else RuntimeError(str(err)))
         sys.exit(1)
 

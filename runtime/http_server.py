@@ -200,7 +200,11 @@ def launch_server(server_args: ServerArgs) -> int:
     """Run until SIGINT / SIGTERM (exit 0) or a child process dies (exit 1)."""
     import uvicorn
 
-    children = launch_children(server_args)
+    try:
+        children = launch_children(server_args)
+    except (ValueError, RuntimeError) as err:  # a bad flag for this model, a rank that failed to start
+        logger.error("could not start: %s", err)
+        return 1
     exit_code = 0
     try:
         app = create_app(server_args, children)

@@ -139,7 +139,11 @@ def _wait_all_ready(processes: dict[str, mp.Process], pipes: dict) -> dict[str, 
 def run_worker_node(server_args) -> int:
     """Node rank > 0 of a multi-node deployment: run this node's TP ranks
     until they stop (node 0's rank 0 tells them) or one dies; no HTTP."""
-    children = launch_children(server_args)
+    try:
+        children = launch_children(server_args)
+    except (ValueError, RuntimeError) as err:
+        logger.error("could not start: %s", err)
+        return 1
     ranks = list(server_args.local_tp_ranks())
     logger.info("node %d: TP ranks %s ready; requests are served by node 0", server_args.node_rank, ranks)
     stopped = threading.Event()

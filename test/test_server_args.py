@@ -271,3 +271,14 @@ def test_scheduler_config_mapping():
     assert not default.enable_overlap  # off on CPU unless asked for
     assert prepare_server_args(["--model-path", "m", "--device", "cpu", "--enable-cpu-overlap"]).scheduler_config().enable_overlap
     assert prepare_server_args(["--model-path", "m", "--device", "cuda"]).scheduler_config().enable_overlap
+
+
+def test_multi_node_flags_are_checked():
+    from runtime.server_args import ServerArgs
+
+    with pytest.raises(ValueError, match="multiple of --nnodes"):
+        ServerArgs(model_path="m", device="cpu", tp_size=3, nnodes=2, dist_init_addr="127.0.0.1:5000")
+    with pytest.raises(ValueError, match="--dist-init-addr must be host:port"):
+        ServerArgs(model_path="m", device="cpu", tp_size=2, nnodes=2, dist_init_addr="127.0.0.1")
+    args = ServerArgs(model_path="m", device="cpu", tp_size=4, nnodes=2, node_rank=1, dist_init_addr="10.0.0.1:5000")
+    assert list(args.local_tp_ranks()) == [2, 3]

@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(ABLATIONS),
         help="also time radixserve with this optimisation off, in lock step (repeatable)",
     )
+    parser.add_argument(
+        "--tp-size",
+        type=int,
+        default=1,
+        help="also time tensor parallelism over this many rank processes, alternating "
+        "rounds with tp 1, and report the collectives' share of the decode step",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
@@ -152,7 +159,9 @@ ABLATIONS = {
 }
 
 
-def make_runner(args: argparse.Namespace, model_path: str, overrides: dict, staging_bytes: int | None) -> ModelRunner:
+def make_runner(
+    args: argparse.Namespace, model_path: str, overrides: dict, staging_bytes: int | None, tp_group=None
+) -> ModelRunner:
     total = args.batch_size * (args.input_len + args.output_len)
     config = ModelRunnerConfig(
         model_path=model_path,
@@ -166,7 +175,7 @@ def make_runner(args: argparse.Namespace, model_path: str, overrides: dict, stag
     )
     for key, value in overrides.items():
         setattr(config, key, value)
-    runner = ModelRunner(config)
+    runner = ModelRunner(config, tp_group)
     if staging_bytes is not None:
         from layers.attention.torch_native import TorchNativeAttnBackend
 
@@ -181,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
         from runtime.demo_model import demo_model_path
 
         model_path = str(demo_model_path(args.demo_arch, args.demo_size))
+    if args.tp_size > 1:
+        return compare_tp(args, model_path, argv)
     runner = make_runner(args, model_path, {}, None)
     prompts = random_prompts(args.batch_size, args.input_len, runner.model_config.vocab_size, args.seed)
     engines = {"radixserve": lambda: run_ours(runner, prompts, args.output_len)}
@@ -227,6 +238,46 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{row.get('ours_decode_speedup', ''):>16}{row.get('ours_decode_speedup_paired', ''):>8}"
                 f"{row.get('ours_prefill_speedup', ''):>17}"
             )
+    return result
+
+
+def compare_tp(args: argparse.Namespace, model_path: str, argv: list[str] | None) -> dict:
+    """tp 1 in this process against tp N in N rank processes, round by round."""
+    import sys
+
+    from benchmark.tp_ranks import TPRanks
+
+    runner = make_runner(args, model_path, {}, None)
+    prompts = random_prompts(args.batch_size, args.input_len, runner.model_config.vocab_size, args.seed)
+    ranks = TPRanks(list(sys.argv[1:] if argv is None else argv), model_path, args.tp_size)
+    tp1_rounds, tpn_rounds = [], []
+    try:
+        for i in range(args.rounds + 1):  # the first round warms up
+            tp1 = run_round({"tp1": lambda: run_ours(runner, prompts, args.output_len)})["tp1"]
+            tpn = ranks.run_round()
+            if i:
+                tp1_rounds.append(tp1)
+                tpn_rounds.append(tpn)
+    finally:
+        ranks.close()
+    rows = [summarize("tp1", tp1_rounds, args.batch_size, args.input_len),
+            summarize(f"tp{args.tp_size}", [r.result for r in tpn_rounds], args.batch_size, args.input_len)]
+    decode_s = sum(sum(r.result.decode_step_s) for r in tpn_rounds)
+    rows[1]["all_reduce_share_of_decode"] = round(sum(r.all_reduce_s for r in tpn_rounds) / decode_s, 4)
+    rows[1]["all_gather_share_of_decode"] = round(sum(r.all_gather_s for r in tpn_rounds) / decode_s, 4)
+    rows[1]["decode_time_vs_tp1"] = round(rows[1]["median_decode_ms_per_step"] / rows[0]["median_decode_ms_per_step"], 3)
+    config = {k: v for k, v in vars(args).items() if k != "json"} | {"model_path": model_path}
+    result = {"config": config, "results": rows}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"batch {args.batch_size}, input {args.input_len}, output {args.output_len}, {args.dtype}, {args.device}")
+        print(f"{'engine':<8}{'prefill ms':>12}{'decode ms/step':>16}{'decode tok/s':>14}"
+              f"{'all-reduce share':>18}{'all-gather share':>18}")
+        for row in rows:
+            print(f"{row['engine']:<8}{row['prefill_ms']:>12}{row['median_decode_ms_per_step']:>16}"
+                  f"{row['decode_tok_per_s']:>14}{row.get('all_reduce_share_of_decode', ''):>18}"
+                  f"{row.get('all_gather_share_of_decode', ''):>18}")
     return result
 
 

@@ -58,6 +58,16 @@ def test_tp2_greedy_matches_tp1_and_transformers(name):
     assert tp2 == hf
 
 
+def test_tp2_with_overlap_scheduling_matches_transformers():
+    # With overlap the forward thread's collectives (device group) and the
+    # scheduler thread's broadcasts (control group) run concurrently.
+    path = demo_model_path("qwen3", "tiny")
+    prompts = make_prompts([9, 25], vocab_size=4096, seed=5)
+    ours = _engine_greedy(path, prompts, tp_size=2, enable_cpu_overlap=True)
+    reference = hf_model(path, torch.float32)
+    assert ours == [hf_greedy(reference, p, NEW_TOKENS) for p in prompts]
+
+
 def test_tp2_sampling_agrees_across_ranks_and_is_seeded():
     # Sampled (not greedy) ids come from rank 0 on every rank: with a seed,
     # two tp-2 runs give the same text.

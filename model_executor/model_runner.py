@@ -26,14 +26,22 @@ from model_executor.model_loader import load_model
 logger = logging.getLogger(__name__)
 
 
-def create_attention_backend(name: str) -> AttentionBackend:
+def create_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """The backend named by --attention-backend; GPU-only ones are imported
+    only when chosen, so a CPU install never needs triton kernels or flashinfer."""
     if name == "torch_native":
         from layers.attention.torch_native import TorchNativeAttnBackend
 
         return TorchNativeAttnBackend()
-    raise ValueError(
-        f"attention backend {name!r} is not available in this build; available: torch_native"
-    )
+    if name == "triton":
+        from layers.attention.triton_backend import TritonAttnBackend
+
+        return TritonAttnBackend(device)
+    if name == "flashinfer":
+        from layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+        return FlashInferAttnBackend(device)
+    raise ValueError(f"unknown attention backend {name!r}; available: torch_native, triton, flashinfer")
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -86,7 +94,7 @@ class ModelRunner:
             self.device,
         )
         self.kv_pool.zero_padding(config.page_size)
-        self.attn_backend = create_attention_backend(config.attention_backend)
+        self.attn_backend = create_attention_backend(config.attention_backend, self.device)
         logger.info(
             "KV cache: %d tokens (%.1f MiB), page size %d, dtype %s",
             self.max_total_num_tokens,

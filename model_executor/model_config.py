@@ -29,6 +29,7 @@ class ModelRunnerConfig:
     max_running_requests: int = 256
     attention_backend: str = "torch_native"
     disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 64
     tp_size: int = 1
     tp_rank: int = 0
     random_seed: int = 0

@@ -95,6 +95,14 @@ class ModelRunner:
         )
         self.kv_pool.zero_padding(config.page_size)
         self.attn_backend = create_attention_backend(config.attention_backend, self.device)
+        self.cuda_graph_runner = None
+        if self.device.type == "cuda" and not config.disable_cuda_graph:
+            if self.attn_backend.supports_cuda_graph:
+                from model_executor.cuda_graph_runner import CudaGraphRunner
+
+                self.cuda_graph_runner = CudaGraphRunner(self, config.cuda_graph_max_bs)
+            else:
+                logger.info("the %s backend has no CUDA-graph support: decode runs eagerly", config.attention_backend)
         logger.info(
             "KV cache: %d tokens (%.1f MiB), page size %d, dtype %s",
             self.max_total_num_tokens,
@@ -146,6 +154,8 @@ class ModelRunner:
         batch.req_to_token_pool = self.req_to_token_pool
         batch.kv_pool = self.kv_pool
         batch.attn_backend = self.attn_backend
+        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
+            return self.cuda_graph_runner.replay(batch)
         self.attn_backend.init_forward_metadata(batch)
         return self.model(batch)
 

@@ -244,6 +244,7 @@ class ServerArgs:
             max_running_requests=self.max_running_requests,
             attention_backend=self.attention_backend,
             disable_cuda_graph=self.disable_cuda_graph,
+            cuda_graph_max_bs=self.cuda_graph_max_bs,
             tp_size=self.tp_size,
             tp_rank=tp_rank,
             random_seed=self.random_seed,

@@ -14,7 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from layers.attention.triton_backend import TritonAttnBackend, build_kv_indices  # noqa: E402
+from layers.attention.kv_indices import build_kv_indices  # noqa: E402
+from layers.attention.triton_backend import TritonAttnBackend  # noqa: E402
 from model_executor.batch_runner import BatchRunner  # noqa: E402
 from model_helpers import make_prompts, make_runner  # noqa: E402
 from runtime.demo_model import demo_model_path  # noqa: E402

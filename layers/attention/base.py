@@ -68,11 +68,16 @@ class AttentionBackend(ABC):
     # CUDA-graph hooks: backends that can replay captured decode override these.
     supports_cuda_graph: bool = False
 
-    def init_cuda_graph_state(self, max_bs: int) -> None:
+    def init_cuda_graph_state(self, max_bs: int, max_kv_tokens: int, num_heads: int, head_dim: int) -> None:
+        """Allocate the static metadata buffers every captured graph reads:
+        up to `max_bs` sequences holding `max_kv_tokens` slots in all."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     def init_forward_metadata_capture_cuda_graph(self, batch: ForwardBatch) -> None:
+        """Like init_forward_metadata, but into the static buffers."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     def init_forward_metadata_replay_cuda_graph(self, batch: ForwardBatch) -> None:
+        """Refill the static buffers for `batch` (already padded to a
+        captured size) without reallocating them."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from layers.attention.base import AttentionBackend
+from layers.attention.kv_indices import build_kv_indices
 
 if TYPE_CHECKING:
     from layers.radix_attention import RadixAttention
@@ -37,22 +38,6 @@ class TritonMetadata:
     max_new_tokens: int
 
 
-def build_kv_indices(
-    req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, total_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kv_indptr [B + 1] int32, kv_indices [total_tokens] int64): sequence
-    b's slots are req_to_token[req_pool_indices[b], :seq_lens[b]], laid end
-    to end. `total_tokens` = sum(seq_lens), passed in to avoid a device sync."""
-    kv_indptr = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
-    torch.cumsum(seq_lens, 0, out=kv_indptr[1:])
-    seq_of_token = torch.repeat_interleave(
-        torch.arange(seq_lens.shape[0], device=seq_lens.device), seq_lens, output_size=total_tokens
-    )
-    position = torch.arange(total_tokens, device=seq_lens.device) - kv_indptr[seq_of_token].long()
-    kv_indices = req_to_token[req_pool_indices[seq_of_token], position].long()
-    return kv_indptr, kv_indices
-
-
 class TritonAttnBackend(AttentionBackend):
     def __init__(self, device: torch.device, num_kv_splits: int = DEFAULT_NUM_KV_SPLITS) -> None:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -67,6 +52,7 @@ class TritonAttnBackend(AttentionBackend):
         self.num_kv_splits = num_kv_splits
         self.metadata: TritonMetadata | None = None
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._graph_metadata: TritonMetadata | None = None  # static buffers for captured decode
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         assert batch.req_to_token_pool is not None
@@ -81,6 +67,37 @@ class TritonAttnBackend(AttentionBackend):
         self.metadata = TritonMetadata(
             kv_indptr, kv_indices, qo_indptr, prefix_lens, max(batch.extend_seq_lens_cpu)
         )
+
+    # -- CUDA graphs (decode only) -------------------------------------------------
+
+    supports_cuda_graph = True
+
+    def init_cuda_graph_state(self, max_bs: int, max_kv_tokens: int, num_heads: int, head_dim: int) -> None:
+        self._graph_metadata = TritonMetadata(
+            kv_indptr=torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
+            kv_indices=torch.zeros(max_kv_tokens, dtype=torch.int64, device=self.device),
+            qo_indptr=None,
+            prefix_lens=None,
+            max_new_tokens=1,
+        )
+        self._decode_scratch(max_bs, num_heads, head_dim)  # sized once, before any capture
+
+    def init_forward_metadata_capture_cuda_graph(self, batch: ForwardBatch) -> None:
+        self.init_forward_metadata_replay_cuda_graph(batch)
+
+    def init_forward_metadata_replay_cuda_graph(self, batch: ForwardBatch) -> None:
+        static = self._graph_metadata
+        assert static is not None and batch.req_to_token_pool is not None
+        total = sum(batch.seq_lens_cpu)
+        kv_indptr, kv_indices = build_kv_indices(
+            batch.req_to_token_pool.req_to_token, batch.req_pool_indices, batch.seq_lens, total
+        )
+        bs = batch.batch_size
+        static.kv_indptr[: bs + 1].copy_(kv_indptr)
+        static.kv_indices[:total].copy_(kv_indices)
+        # The graph's kernels were captured reading these very tensors; the
+        # batch size is baked into the graph, so the slice only fixes shapes.
+        self.metadata = TritonMetadata(static.kv_indptr[: bs + 1], static.kv_indices, None, None, 1)
 
     def _write_kv(self, k, v, layer: RadixAttention, batch: ForwardBatch, save: bool):
         assert batch.kv_pool is not None

@@ -1,0 +1,26 @@
+"""Each sequence's KV pool slots, flattened: the page table the GPU
+backends hand to their kernels.
+
+With one slot per "page" (page size 1 as the kernels see it) any allocator
+page size works: a real page is a run of consecutive slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def build_kv_indices(
+    req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, total_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_indptr [B + 1] int32, kv_indices [total_tokens] int64): sequence
+    b's slots are req_to_token[req_pool_indices[b], :seq_lens[b]], laid end
+    to end. `total_tokens` = sum(seq_lens), passed in to avoid a device sync."""
+    kv_indptr = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
+    torch.cumsum(seq_lens, 0, out=kv_indptr[1:])
+    seq_of_token = torch.repeat_interleave(
+        torch.arange(seq_lens.shape[0], device=seq_lens.device), seq_lens, output_size=total_tokens
+    )
+    position = torch.arange(total_tokens, device=seq_lens.device) - kv_indptr[seq_of_token].long()
+    kv_indices = req_to_token[req_pool_indices[seq_of_token], position].long()
+    return kv_indptr, kv_indices

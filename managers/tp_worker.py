@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,10 @@ class StepResult:
         top = [list(zip(v, i)) for v, i in zip(self.top_logprobs.tolist(), self.top_ids.tolist())]
         return list(zip(token, top))
 
-    def cpu(self) -> StepResult:
-        move = lambda t: None if t is None else t.cpu()  # noqa: E731
+    def cpu(self, non_blocking: bool = False) -> StepResult:
+        """Host copies. With `non_blocking` (CUDA), they land in pinned memory
+        asynchronously: read them only after an event recorded after this call."""
+        move = lambda t: None if t is None else t.to("cpu", non_blocking=non_blocking)  # noqa: E731
         return StepResult(*(move(t) for t in (self.next_token_ids, self.token_logprobs, self.top_logprobs, self.top_ids)))
 
 
@@ -95,6 +98,9 @@ class OverlapTpWorker:
     def __init__(self, worker: TpModelWorker, max_batch_size: int) -> None:
         self.worker = worker
         device = worker.model_runner.device
+        # On CUDA the forward gets its own stream, so the scheduler thread's
+        # copies and the next batch's preparation never queue behind it.
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # Slots are reused round-robin; a placeholder is read by the very next
         # batch, so room for a few batches in flight is plenty.
         self.map_size = 4 * max_batch_size + 1
@@ -112,31 +118,54 @@ class OverlapTpWorker:
             self.next_slot = 1
         slots = torch.arange(self.next_slot, self.next_slot + size, dtype=torch.int64)
         self.next_slot += size
-        self.inputs.put((batch, slots, top_logprobs_num))
+        inputs_ready = None
+        if self.stream is not None:
+            # The batch's host-to-device copies were queued on this thread's
+            # stream; the forward stream starts after them.
+            inputs_ready = torch.cuda.Event()
+            inputs_ready.record()
+        self.inputs.put((batch, slots, top_logprobs_num, inputs_ready))
         return -slots
 
     def result(self) -> StepResult:
         out = self.outputs.get()
         if isinstance(out, BaseException):
             raise RuntimeError("forward failed on the overlap worker thread") from out
-        return out
+        result, done = out
+        if done is not None:
+            done.synchronize()  # the one host sync per iteration
+        return result
 
     def shutdown(self) -> None:
         self.inputs.put(None)
         self.thread.join(timeout=10)
 
     def _loop(self) -> None:
+        if self.stream is not None:
+            torch.cuda.set_device(self.worker.model_runner.device)
         while True:
             item = self.inputs.get()
             if item is None:
                 return
-            batch, slots, top_logprobs_num = item
+            batch, slots, top_logprobs_num, inputs_ready = item
             try:
-                ids = batch.input_ids
-                placeholder = ids < 0
-                batch.input_ids = torch.where(placeholder, self.future_token_ids[(-ids).clamp_(min=0)], ids)
-                result = self.worker.forward_batch_generation(batch, top_logprobs_num)
-                self.future_token_ids[slots.to(result.next_token_ids.device)] = result.next_token_ids
-                self.outputs.put(result.cpu())
+                with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+                    if inputs_ready is not None:
+                        self.stream.wait_event(inputs_ready)
+                    self.outputs.put(self._run(batch, slots, top_logprobs_num))
             except BaseException as err:  # surface it on the scheduler thread
                 self.outputs.put(err)
+
+    def _run(self, batch: ForwardBatch, slots: torch.Tensor, top_logprobs_num: int):
+        ids = batch.input_ids
+        placeholder = ids < 0
+        batch.input_ids = torch.where(placeholder, self.future_token_ids[(-ids).clamp_(min=0)], ids)
+        result = self.worker.forward_batch_generation(batch, top_logprobs_num)
+        device_ids = result.next_token_ids
+        self.future_token_ids[slots.to(device_ids.device, non_blocking=True)] = device_ids
+        if self.stream is None:
+            return result.cpu(), None
+        host = result.cpu(non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        return host, done

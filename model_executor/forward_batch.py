@@ -93,15 +93,22 @@ class ForwardBatch:
                 f"{input_ids.shape[0]} input ids for {positions.shape[0]} new positions"
             )
 
-        def to_device(values: Sequence[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+        pin = torch.device(device).type == "cuda"
+
+        def to_device(values: Sequence[int] | torch.Tensor) -> torch.Tensor:
+            host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
+            # From pinned memory a non_blocking copy really is asynchronous;
+            # from pageable memory it would wait for the GPU.
+            return (host.pin_memory() if pin and host.device.type == "cpu" else host).to(
+                device, torch.int64, non_blocking=True
+            )
 
         return cls(
             forward_mode=forward_mode,
             batch_size=len(seq_lens),
-            input_ids=input_ids.to(device, torch.int64, non_blocking=True),
-            positions=positions.to(device, non_blocking=True),
-            out_cache_loc=out_cache_loc.to(device, torch.int64, non_blocking=True),
+            input_ids=to_device(input_ids),
+            positions=to_device(positions),
+            out_cache_loc=to_device(out_cache_loc),
             req_pool_indices=to_device(list(req_pool_indices)),
             seq_lens=to_device(seq_lens),
             extend_prefix_lens=to_device(prefix_lens),

@@ -131,3 +131,15 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         TritonAttnBackend(torch.device("cpu"))
+
+
+def test_flashinfer_backend_refuses_cpu_and_a_missing_package(monkeypatch):
+    import sys
+
+    from layers.attention.flashinfer_backend import import_flashinfer
+
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        import_flashinfer(torch.device("cpu"))
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"pip install 'radixserve\[gpu\]'"):
+        import_flashinfer(torch.device("cuda"))

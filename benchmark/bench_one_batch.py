@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time tensor parallelism over this many rank processes, alternating "
         "rounds with tp 1, and report the collectives' share of the decode step",
     )
+    parser.add_argument(
+        "--cuda-graph",
+        default="on",
+        choices=["on", "off"],
+        help="decode from captured CUDA graphs (CUDA only); `--ablate cuda-graph` times both in lock step",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
@@ -156,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 ABLATIONS = {
     "prepack": ({"cpu_weight_prepack": False}, None),
     "staging": ({}, 0),
+    "cuda-graph": ({"disable_cuda_graph": True}, None),
 }
 
 
@@ -172,6 +179,7 @@ def make_runner(
         max_running_requests=args.batch_size,
         attention_backend=args.attention_backend,
         random_seed=args.seed,
+        disable_cuda_graph=args.cuda_graph == "off",
     )
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -214,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = [summarize(name, r, args.batch_size, args.input_len) for name, r in rounds.items()]
     ours = rows[0]
+    ours.update(roofline(args, model_path, runner, ours["median_decode_ms_per_step"]))
     for row in rows[1:]:
         row["ours_decode_speedup"] = round(ours["decode_tok_per_s"] / row["decode_tok_per_s"], 3)
         row["ours_decode_speedup_paired"] = paired_ratio(rounds["radixserve"], rounds[row["engine"]])
@@ -228,6 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.dtype}, {args.device}, threads {torch.get_num_threads()}"
         )
         print(
+            f"decode roofline: {ours['decode_bytes_per_step'] / 1e6:.1f} MB per step at "
+            f"{ours['copy_bandwidth_gb_per_s']} GB/s copy bandwidth = {ours['roofline_ms_per_step']} ms; "
+            f"measured {ours['median_decode_ms_per_step']} ms ({ours['roofline_share']:.0%} of the roofline)"
+        )
+        print(
             f"{'engine':<14}{'prefill ms':>12}{'prefill tok/s':>15}{'decode ms/step':>16}"
             f"{'decode tok/s':>14}{'ours/it decode':>16}{'paired':>8}{'ours/it prefill':>17}"
         )
@@ -239,6 +253,26 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{row.get('ours_prefill_speedup', ''):>17}"
             )
     return result
+
+
+def roofline(args: argparse.Namespace, model_path: str, runner: ModelRunner, step_ms: float) -> dict:
+    """The decode step's memory-bandwidth floor and our share of it (see roofline.py)."""
+    from benchmark.roofline import copy_bandwidth, kv_bytes_per_step, weight_bytes_per_step
+
+    config = runner.model_config
+    # Context of the median decode step: the prompt plus half the output.
+    context_tokens = args.batch_size * (args.input_len + args.output_len // 2)
+    step_bytes = weight_bytes_per_step(model_path, runner.dtype) + kv_bytes_per_step(
+        context_tokens, config.num_layers, runner.num_kv_heads, config.head_dim, runner.dtype
+    )
+    bandwidth = copy_bandwidth(runner.device)
+    floor_ms = step_bytes / bandwidth * 1e3
+    return {
+        "decode_bytes_per_step": step_bytes,
+        "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
+        "roofline_ms_per_step": round(floor_ms, 3),
+        "roofline_share": round(floor_ms / step_ms, 3),
+    }
 
 
 def compare_tp(args: argparse.Namespace, model_path: str, argv: list[str] | None) -> dict:

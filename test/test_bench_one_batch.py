@@ -30,3 +30,34 @@ def test_bench_one_batch_tp2_reports_collective_shares(tiny_qwen3):
     # Every decode step all-reduces twice per layer: the share cannot be zero.
     assert 0 < tp2["all_reduce_share_of_decode"] < 1
     assert 0 < tp2["all_gather_share_of_decode"] < 1
+
+
+def test_bench_one_batch_reports_the_decode_roofline(tiny_qwen3):
+    result = main([
+        "--model-path", str(tiny_qwen3), "--batch-size", "2", "--input-len", "8", "--output-len", "4",
+        "--rounds", "1", "--json",
+    ])
+    ours = result["results"][0]
+    assert ours["decode_bytes_per_step"] > 0 and ours["copy_bandwidth_gb_per_s"] > 0
+    assert 0 < ours["roofline_share"] == round(ours["roofline_ms_per_step"] / ours["median_decode_ms_per_step"], 3)
+
+
+def test_weight_bytes_skip_the_embedding_unless_tied():
+    import json
+
+    import torch
+
+    from benchmark.roofline import weight_bytes_per_step
+    from runtime.demo_model import demo_model_path
+
+    for tied in (False, True):
+        path = demo_model_path("llama", "tiny", tie_word_embeddings=tied, rope_scaling="llama3" if tied else None)
+        with open(path / "config.json") as f:
+            c = json.load(f)
+        h, i, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+        q = c["num_attention_heads"] * c["head_dim"]
+        kv = c["num_key_value_heads"] * c["head_dim"]
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h  # projections, MLP, two norms
+        expected = layers * per_layer + h + vocab * h  # final norm, LM head (or the tied embedding)
+        assert weight_bytes_per_step(str(path), torch.bfloat16) == 2 * expected
+        assert weight_bytes_per_step(str(path), torch.bfloat16, tp_size=2) == expected

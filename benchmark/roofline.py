@@ -1,0 +1,48 @@
+"""The memory-bandwidth floor of a decode step.
+
+A decode step must read every weight the step uses once (the embedding
+table only for the batch's rows; all of it when it is tied to the LM head)
+and every cached K/V of the batch. Divided by the bandwidth this device
+sustains on a large copy, that is the fastest a step can be; the measured
+step time against it says how much of the hardware the step uses.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mem_cache.memory_pool import KVPool
+from model_executor.model_loader import checkpoint_files, iterate_weights
+
+
+def weight_bytes_per_step(model_path: str, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """Bytes of weights one rank reads per decode step (shapes only; nothing is loaded)."""
+    sizes = {name: tensor.numel() for name, tensor in iterate_weights(checkpoint_files(model_path))}
+    tied = "lm_head.weight" not in sizes
+    total = sum(n for name, n in sizes.items() if tied or not name.endswith("embed_tokens.weight"))
+    return total * torch.empty(0, dtype=dtype).element_size() // tp_size
+
+
+def kv_bytes_per_step(total_context_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype) -> int:
+    return total_context_tokens * KVPool.kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
+
+
+def copy_bandwidth(device: torch.device, size_bytes: int = 512 << 20, repeats: int = 10) -> float:
+    """Bytes per second moved by a large device-to-device copy, counting the
+    read and the write (so it compares with bytes read by a kernel)."""
+    src = torch.empty(size_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size_bytes / best

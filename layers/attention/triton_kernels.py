@@ -20,7 +20,8 @@ a run of consecutive slots.
 
 Loads are cast to fp32 right away: accumulation is in fp32 anyway, and
 Triton's CPU interpreter (which CI runs these under, TRITON_INTERPRET=1)
-gets bf16 arithmetic wrong.
+gets bf16 arithmetic wrong. The dots then run in tf32, exact for bf16/fp16
+values, or in full fp32 for fp32 pools (`dot_precision`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def _extend_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -83,7 +85,7 @@ def _extend_kernel(
             mask=n_valid[:, None] & d_valid[None, :],
             other=0.0,
         ).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         allowed = (offs_n[None, :] <= query_pos[:, None]) & n_valid[None, :]
         scores = tl.where(allowed, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
@@ -97,7 +99,7 @@ def _extend_kernel(
             mask=n_valid[:, None] & d_valid[None, :],
             other=0.0,
         ).to(tl.float32)
-        acc = acc * correction[:, None] + tl.dot(p, v)
+        acc = acc * correction[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         row_max = new_max
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
@@ -124,6 +126,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -158,7 +161,7 @@ def _decode_split_kernel(
             mask=n_valid[:, None] & d_valid[None, :],
             other=0.0,
         ).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         scores = tl.where(n_valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         p = tl.exp(scores - new_max[:, None])
@@ -169,7 +172,7 @@ def _decode_split_kernel(
             mask=n_valid[:, None] & d_valid[None, :],
             other=0.0,
         ).to(tl.float32)
-        acc = acc * correction[:, None] + tl.dot(p, v)
+        acc = acc * correction[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         row_max = new_max
 
     if split_end > split_start:
@@ -214,6 +217,13 @@ def _decode_merge_kernel(
     tl.store(Out + seq * stride_o_seq + head * stride_o_head + offs_d, out.to(Out.dtype.element_ty), mask=d_valid)
 
 
+def dot_precision(kv_dtype: torch.dtype) -> str:
+    """tf32 tensor cores are exact on bf16/fp16 inputs (their mantissas fit),
+    so half-precision pools lose nothing; fp32 pools (the parity reference)
+    get full-precision dots."""
+    return "ieee" if kv_dtype == torch.float32 else "tf32"
+
+
 def extend_attention(
     q: torch.Tensor,  # [num_tokens, H, D]
     k_pool: torch.Tensor,  # [num_slots, H_kv, D]
@@ -244,6 +254,7 @@ def extend_attention(
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        DOT_PRECISION=dot_precision(k_pool.dtype),
     )
     return out
 
@@ -279,6 +290,7 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_N=32,
         NUM_SPLITS=num_splits,
+        DOT_PRECISION=dot_precision(k_pool.dtype),
     )
     _decode_merge_kernel[(batch_size, heads)](
         partial_out, partial_lse, out,

@@ -32,6 +32,39 @@ import triton.language as tl
 
 
 @triton.jit
+def _attend_block(
+    q, row_max, row_sum, acc,
+    K_pool, V_pool, kv_indices, kv_start, offs_n, n_valid, allowed, kv_head,
+    stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
+    offs_d, d_valid, scale,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One block of keys for a block of query rows, online softmax: read the
+    keys' slots, K, V (as fp32), fold them into (row_max, row_sum, acc)."""
+    slots = tl.load(kv_indices + kv_start + offs_n, mask=n_valid, other=0).to(tl.int64)
+    k = tl.load(
+        K_pool + slots[:, None] * stride_k_slot + kv_head * stride_k_head + offs_d[None, :],
+        mask=n_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+    scores = tl.where(allowed, scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+    # Rows with nothing allowed yet keep -inf; exp(-inf - -inf) is nan, so guard.
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.exp(scores - safe_max[:, None])
+    correction = tl.exp(row_max - safe_max)
+    row_sum = row_sum * correction + tl.sum(p, axis=1)
+    v = tl.load(
+        V_pool + slots[:, None] * stride_v_slot + kv_head * stride_v_head + offs_d[None, :],
+        mask=n_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    acc = acc * correction[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    return new_max, row_sum, acc
+
+
+@triton.jit
 def _extend_kernel(
     Q, K_pool, V_pool, Out,
     qo_indptr, kv_indptr, kv_indices, prefix_lens,
@@ -79,28 +112,13 @@ def _extend_kernel(
     for n_start in range(0, kv_end, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < kv_end
-        slots = tl.load(kv_indices + kv_start + offs_n, mask=n_valid, other=0).to(tl.int64)
-        k = tl.load(
-            K_pool + slots[:, None] * stride_k_slot + kv_head * stride_k_head + offs_d[None, :],
-            mask=n_valid[:, None] & d_valid[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         allowed = (offs_n[None, :] <= query_pos[:, None]) & n_valid[None, :]
-        scores = tl.where(allowed, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        # Rows with nothing allowed yet keep -inf; exp(-inf - -inf) is nan, so guard.
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp(scores - safe_max[:, None])
-        correction = tl.exp(row_max - safe_max)
-        row_sum = row_sum * correction + tl.sum(p, axis=1)
-        v = tl.load(
-            V_pool + slots[:, None] * stride_v_slot + kv_head * stride_v_head + offs_d[None, :],
-            mask=n_valid[:, None] & d_valid[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc = acc * correction[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        row_max = new_max
+        row_max, row_sum, acc = _attend_block(
+            q, row_max, row_sum, acc,
+            K_pool, V_pool, kv_indices, kv_start, offs_n, n_valid, allowed, kv_head,
+            stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
+            offs_d, d_valid, scale, DOT_PRECISION,
+        )
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     tl.store(
@@ -155,25 +173,12 @@ def _decode_split_kernel(
     for n_start in range(split_start, split_end, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < split_end
-        slots = tl.load(kv_indices + kv_start + offs_n, mask=n_valid, other=0).to(tl.int64)
-        k = tl.load(
-            K_pool + slots[:, None] * stride_k_slot + kv_head * stride_k_head + offs_d[None, :],
-            mask=n_valid[:, None] & d_valid[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-        scores = tl.where(n_valid[None, :], scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        p = tl.exp(scores - new_max[:, None])
-        correction = tl.exp(row_max - new_max)
-        row_sum = row_sum * correction + tl.sum(p, axis=1)
-        v = tl.load(
-            V_pool + slots[:, None] * stride_v_slot + kv_head * stride_v_head + offs_d[None, :],
-            mask=n_valid[:, None] & d_valid[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc = acc * correction[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        row_max = new_max
+        row_max, row_sum, acc = _attend_block(
+            q, row_max, row_sum, acc,
+            K_pool, V_pool, kv_indices, kv_start, offs_n, n_valid, n_valid[None, :], kv_head,
+            stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
+            offs_d, d_valid, scale, DOT_PRECISION,
+        )
 
     if split_end > split_start:
         out = acc / row_sum[:, None]

@@ -26,7 +26,7 @@ from model_executor.model_loader import load_model
 logger = logging.getLogger(__name__)
 
 
-def create_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+def create_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
     """The backend named by --attention-backend; GPU-only ones are imported
     only when chosen, so a CPU install never needs triton kernels or flashinfer."""
     if name == "torch_native":
@@ -40,7 +40,7 @@ def create_attention_backend(name: str, device: torch.device) -> AttentionBacken
     if name == "flashinfer":
         from layers.attention.flashinfer_backend import FlashInferAttnBackend
 
-        return FlashInferAttnBackend(device)
+        return FlashInferAttnBackend(device, dtype)
     raise ValueError(f"unknown attention backend {name!r}; available: torch_native, triton, flashinfer")
 
 
@@ -94,7 +94,7 @@ class ModelRunner:
             self.device,
         )
         self.kv_pool.zero_padding(config.page_size)
-        self.attn_backend = create_attention_backend(config.attention_backend, self.device)
+        self.attn_backend = create_attention_backend(config.attention_backend, self.device, self.dtype)
         self.cuda_graph_runner = None
         if self.device.type == "cuda" and not config.disable_cuda_graph:
             if self.attn_backend.supports_cuda_graph:

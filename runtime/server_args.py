@@ -128,7 +128,7 @@ class ServerArgs:
                     f"{_flag(f.name)} must be one of {', '.join(choices)}; got {value!r}"
                 )
         if self.attention_backend is None:
-            self.attention_backend = _default_attention_backend(self.device)
+            self.attention_backend = _default_attention_backend(self.device, self.dtype)
         self._validate()
 
     def _validate(self) -> None:
@@ -282,10 +282,13 @@ def _detect_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _default_attention_backend(device: str) -> str:
+def _default_attention_backend(device: str, dtype: str) -> str:
     if device == "cpu":
         return "torch_native"
-    return "flashinfer" if importlib.util.find_spec("flashinfer") is not None else "triton"
+    # FlashInfer's kernels are fp16/bf16 only; an explicit fp32 model gets triton.
+    if dtype != "float32" and importlib.util.find_spec("flashinfer") is not None:
+        return "flashinfer"
+    return "triton"
 
 
 def make_parser() -> argparse.ArgumentParser:

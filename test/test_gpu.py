@@ -82,7 +82,7 @@ def test_cuda_graph_replay_matches_eager_at_every_captured_size():
         graphed.release_all()
 
 
-@pytest.mark.parametrize("backend", ["torch_native"] + GPU_BACKENDS)
+@pytest.mark.parametrize("backend", ["torch_native", "triton"])  # flashinfer runs fp16/bf16 only
 def test_greedy_matches_transformers_fp32_on_gpu(backend):
     from runtime.engine import Engine
 

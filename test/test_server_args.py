@@ -282,3 +282,20 @@ def test_multi_node_flags_are_checked():
         ServerArgs(model_path="m", device="cpu", tp_size=2, nnodes=2, dist_init_addr="127.0.0.1")
     args = ServerArgs(model_path="m", device="cpu", tp_size=4, nnodes=2, node_rank=1, dist_init_addr="10.0.0.1:5000")
     assert list(args.local_tp_ranks()) == [2, 3]
+
+
+def test_default_backend_on_cuda_follows_dtype_and_flashinfer(monkeypatch):
+    import importlib.util
+
+    from runtime.server_args import ServerArgs
+
+    real_find_spec = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(
+            importlib.util, "find_spec",
+            lambda name, *a, installed=installed: (object() if installed else None) if name == "flashinfer" else real_find_spec(name, *a),
+        )
+        bf16 = ServerArgs(model_path="m", device="cuda", dtype="bfloat16").attention_backend
+        fp32 = ServerArgs(model_path="m", device="cuda", dtype="float32").attention_backend
+        assert (bf16, fp32) == (("flashinfer", "triton") if installed else ("triton", "triton"))
+    assert ServerArgs(model_path="m", device="cpu").attention_backend == "torch_native"

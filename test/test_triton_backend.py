@@ -133,10 +133,13 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
         TritonAttnBackend(torch.device("cpu"))
 
 
-def test_flashinfer_backend_refuses_cpu_and_a_missing_package(monkeypatch):
+def test_flashinfer_backend_refuses_cpu_fp32_and_a_missing_package(monkeypatch):
     import sys
 
-    from layers.attention.flashinfer_backend import import_flashinfer
+    from layers.attention.flashinfer_backend import FlashInferAttnBackend, import_flashinfer
+
+    with pytest.raises(ValueError, match="fp16/bf16 models only"):
+        FlashInferAttnBackend(torch.device("cuda"), torch.float32)
 
     with pytest.raises(ValueError, match="needs a CUDA device"):
         import_flashinfer(torch.device("cpu"))

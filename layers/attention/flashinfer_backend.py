@@ -63,7 +63,12 @@ class FlashInferMetadata:
 
 
 class FlashInferAttnBackend(AttentionBackend):
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"the flashinfer attention backend runs fp16/bf16 models only (got {dtype}); "
+                "use --attention-backend triton or torch_native, or --dtype bfloat16"
+            )
         self.flashinfer = import_flashinfer(device)
         self.device = device
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)

@@ -139,10 +139,12 @@ def run_scheduler_process(
             return
         try:
             out = scheduler.step()
-        except RuntimeError as err:
+        except RuntimeError:
             if tp_group is None:
                 raise
-            logger.error("a TP collective failed (%s); another rank has probably died; exiting", err)
+            # Usually a collective that lost its peer (another rank died);
+            # the traceback says if it was anything else.
+            logger.exception("scheduler step failed under TP; exiting so that every rank stops")
             sys.exit(1)
         if io is not None and out.rids:
             io.to_detokenizer.send_pyobj(out)

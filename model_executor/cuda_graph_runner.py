@@ -74,7 +74,9 @@ class CudaGraphRunner:
         self.prefix_lens = torch.zeros(self.max_bs, **long)
         model_runner.attn_backend.init_cuda_graph_state(
             self.max_bs,
-            model_runner.max_total_num_tokens + self.max_bs,
+            # Not the pool size: sequences sharing a cached prefix list its
+            # slots once each, so the batch's total context can exceed the pool.
+            self.max_bs * model_runner.model_config.context_len,
             model_runner.model.config.num_attention_heads // model_runner.tp.size,
             model_runner.model_config.head_dim,
         )

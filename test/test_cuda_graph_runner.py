@@ -85,3 +85,26 @@ def test_batches_too_large_or_not_decode_run_eagerly():
     assert fb.forward_mode.is_decode() and not graphs.can_run(fb)  # 5 > 4
     _, fb = batch.extend(seqs[:4], [[7]] * 4)
     assert graphs.can_run(fb)
+
+
+def test_replay_when_shared_prefixes_exceed_the_pool():
+    # Four sequences on one cached 64-token prefix: their contexts add up to
+    # more tokens than the KV pool holds, which the static index buffer must allow.
+    path = demo_model_path("qwen3", "tiny")
+    runner = make_runner(path, page_size=16, device=DEVICE, max_running_requests=8, max_total_tokens=160)
+    runner.attn_backend = TritonAttnBackend(runner.device)
+    runner.cuda_graph_runner = CudaGraphRunner(runner, max_bs=4, capture=torch.cuda.is_available())
+    eager_runner = make_runner(path, page_size=16, device=DEVICE, max_running_requests=8, max_total_tokens=160)
+    eager_runner.attn_backend = TritonAttnBackend(eager_runner.device)
+    outputs = []
+    for r in (runner, eager_runner):
+        batch = BatchRunner(r)
+        source = batch.add_sequence()
+        batch.extend([source], make_prompts([64], 4096, seed=8))
+        seqs = [batch.add_sequence(share_prefix_of=source, prefix_len=64) for _ in range(4)]
+        batch.extend(seqs, [[5], [6], [7], [8]])  # each gets its own first token after the prefix: 4-way MIXED/decode
+        out, fb = batch.extend(seqs, [[9], [10], [11], [12]])
+        assert sum(fb.seq_lens_cpu) > r.max_total_num_tokens
+        outputs.append(out.next_token_logits)
+    assert runner.cuda_graph_runner.can_run(fb)
+    assert (outputs[0] - outputs[1]).abs().max().item() <= 1e-4

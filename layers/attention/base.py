@@ -70,7 +70,8 @@ class AttentionBackend(ABC):
 
     def init_cuda_graph_state(self, max_bs: int, max_kv_tokens: int, num_heads: int, head_dim: int) -> None:
         """Allocate the static metadata buffers every captured graph reads:
-        up to `max_bs` sequences holding `max_kv_tokens` slots in all."""
+        up to `max_bs` sequences whose contexts add up to at most
+        `max_kv_tokens` tokens (shared prefixes counted once per sequence)."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     def init_forward_metadata_capture_cuda_graph(self, batch: ForwardBatch) -> None:

@@ -75,7 +75,8 @@ class TritonAttnBackend(AttentionBackend):
     def init_cuda_graph_state(self, max_bs: int, max_kv_tokens: int, num_heads: int, head_dim: int) -> None:
         self._graph_metadata = TritonMetadata(
             kv_indptr=torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
-            kv_indices=torch.zeros(max_kv_tokens, dtype=torch.int64, device=self.device),
+            # int32: sized for every sequence at full context, this is the big one.
+            kv_indices=torch.zeros(max_kv_tokens, dtype=torch.int32, device=self.device),
             qo_indptr=None,
             prefix_lens=None,
             max_new_tokens=1,

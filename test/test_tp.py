@@ -204,3 +204,33 @@ def test_tp_layout_accepts_splits_and_kv_replication():
     config = dict(num_attention_heads=16, num_key_value_heads=2, intermediate_size=4096)
     assert tp_layout_errors(config, 2) == []
     assert tp_layout_errors(config, 8) == []  # each KV head on 4 ranks
+
+
+def _capacity_rank(rank: int, init_addr: str, model_path: str, tokens: int, results) -> None:
+    from model_executor.distributed import DistInitConfig, init_tp_group
+    from model_executor.model_config import ModelRunnerConfig
+    from model_executor.model_runner import ModelRunner
+
+    torch.set_num_threads(1)
+    group = init_tp_group(DistInitConfig(2, rank, init_addr, "cpu", 60))
+    config = ModelRunnerConfig(model_path=model_path, dtype="float32", max_total_tokens=tokens,
+                               max_running_requests=4, tp_size=2, tp_rank=rank)
+    results.put((rank, ModelRunner(config, group).max_total_num_tokens))
+    group.destroy()
+
+
+def test_ranks_agree_on_the_smallest_kv_capacity():
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    addr = f"127.0.0.1:{free_port()}"
+    path = str(demo_model_path("qwen3", "tiny"))
+    procs = [ctx.Process(target=_capacity_rank, args=(rank, addr, path, tokens, results))
+             for rank, tokens in ((0, 3000), (1, 1000))]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert got == {0: 1000, 1: 1000}

@@ -98,8 +98,6 @@ class BatchTokenIDOut:
     prompt_tokens: list[int] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)
     cached_tokens: list[int] = field(default_factory=list)
-    new_token_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
-    new_top_logprobs: list[list[list[tuple[float, int]]] | None] = field(default_factory=list)
     # Per rid (None unless it asked): (logprob, id) per new token, and top alternatives.
     new_token_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
     new_top_logprobs: list[list[list[tuple[float, int]]] | None] = field(default_factory=list)

@@ -77,6 +77,9 @@ class FinishReason:
     kind: str  # "length" | "stop" | "abort"
     matched: int | str | None = None  # the EOS / stop token id or stop string that ended it
     message: str | None = None  # why, for aborts and rejections
+    # For a request refused before it ran: the HTTP status the caller should
+    # see (400 bad input, 503 overloaded). None for everything else.
+    status_code: int | None = None
 
     def to_json(self) -> dict:
         out: dict = {"type": self.kind}

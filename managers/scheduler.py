@@ -85,7 +85,11 @@ class Scheduler:
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
         self.inflight: _InFlight | None = None
+        # Reported requests not yet finished, by rid (for aborts). Hidden
+        # requests are never in it: nothing outside can name them.
         self.requests: dict[str, Req] = {}
+        # Aborts not applied yet: a step costs O(aborts), not O(requests ever seen).
+        self.pending_aborts: list[Req] = []
         self.pending_output = BatchTokenIDOut()
         self.num_retractions = 0
         self.prefix_claims: dict[tuple[int, ...], Req] = {}  # see _prefix_claim
@@ -97,17 +101,25 @@ class Scheduler:
         """Queue a request; `n` > 1 becomes n requests `{rid}-{i}` that wait for
         one hidden prefill of the shared prompt, so they all hit the cache."""
         params = msg.sampling_params
+        queue_full = self._queue_full()  # decided once: all of a request's samples or none
         if params.n > 1:
-            warm = replace(params, max_new_tokens=0, min_new_tokens=0, n=1)
-            first = self._add(f"{msg.rid}-prompt", msg.input_ids, warm, hidden=True)
+            first = None
+            if not queue_full:
+                warm = replace(params, max_new_tokens=0, min_new_tokens=0, n=1)
+                first = self._add(f"{msg.rid}-prompt", msg.input_ids, warm, hidden=True)
             for i in range(params.n):
                 seed = None if params.seed is None else params.seed + i
                 child = self._add(f"{msg.rid}-{i}", msg.input_ids, replace(params, n=1, seed=seed),
-                                  return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num)
-                child.waits_for = None if first.finished() else first
+                                  return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
+                                  queue_full=queue_full)
+                child.waits_for = None if first is None or first.finished() else first
             return
-        self._add(msg.rid, msg.input_ids, params,
-                  return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num)
+        self._add(msg.rid, msg.input_ids, params, return_logprob=msg.return_logprob,
+                  top_logprobs_num=msg.top_logprobs_num, queue_full=queue_full)
+
+    def _queue_full(self) -> bool:
+        limit = self.config.max_queued_requests
+        return limit is not None and sum(not r.hidden for r in self.waiting) >= limit
 
     def _add(
         self,
@@ -117,14 +129,23 @@ class Scheduler:
         hidden: bool = False,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        queue_full: bool = False,
     ) -> Req:
         req = Req(rid, list(input_ids), params, eos_token_ids=self.eos_token_ids, hidden=hidden,
                   return_logprob=return_logprob, top_logprobs_num=top_logprobs_num)
-        self.requests[req.rid] = req
+        if not hidden:
+            self.requests[req.rid] = req
         limit = min(self.capacity, self.context_len)
-        reason = None
+        reason, status = None, 400
         if not req.origin_input_ids:
             reason = "the prompt is empty"
+        elif (bad := _first_out_of_vocab(req.origin_input_ids, self.vocab_size)) is not None:
+            # The tokenizer manager refuses these first; an out-of-range id
+            # reaching the embedding would kill the process (or the GPU).
+            reason = f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+        elif queue_full:
+            reason = f"the queue is full ({self.config.max_queued_requests} requests waiting); retry later"
+            status = 503
         elif len(req.origin_input_ids) + params.max_new_tokens > limit:
             reason = (
                 f"prompt ({len(req.origin_input_ids)} tokens) + max_new_tokens "
@@ -132,7 +153,7 @@ class Scheduler:
                 f"(context length {self.context_len}, KV capacity {self.capacity})"
             )
         if reason is not None:
-            req.finished_reason = FinishReason("abort", message=reason)
+            req.finished_reason = FinishReason("abort", message=reason, status_code=status)
             self._report(req)
             return req
         req.init_next_round_input()
@@ -141,8 +162,9 @@ class Scheduler:
 
     def abort_request(self, msg: AbortReq) -> None:
         req = self.requests.get(msg.rid)
-        if req is not None and not req.finished():
+        if req is not None and not req.finished() and not req.to_abort:
             req.to_abort = True
+            self.pending_aborts.append(req)
 
     def flush_cache(self) -> bool:
         """Drop the radix cache; only when nothing is queued or running."""
@@ -468,7 +490,8 @@ class Scheduler:
 
     def _apply_aborts(self) -> None:
         inflight = set(map(id, self.inflight.batch.reqs)) if self.inflight is not None else set()
-        for req in [r for r in self.requests.values() if r.to_abort and not r.finished()]:
+        aborts, self.pending_aborts = self.pending_aborts, []
+        for req in [r for r in aborts if not r.finished()]:
             req.finished_reason = FinishReason("abort", message="aborted by the client")
             self.waiting = [r for r in self.waiting if r is not req]
             self.running = [r for r in self.running if r is not req]
@@ -479,6 +502,8 @@ class Scheduler:
             self._report(req)
 
     def _report(self, req: Req) -> None:
+        if req.finished():
+            self.requests.pop(req.rid, None)
         if req.hidden:
             return
         out = self.pending_output
@@ -493,6 +518,10 @@ class Scheduler:
         out.cached_tokens.append(req.cached_tokens)
         out.skip_special_tokens.append(req.sampling_params.skip_special_tokens)
         out.stop_strings.append(list(req.sampling_params.stop or ()))
-        if req.finished():
-            self.requests.pop(req.rid, None)
+
+
+def _first_out_of_vocab(ids: list[int], vocab_size: int) -> int | None:
+    if min(ids) >= 0 and max(ids) < vocab_size:
+        return None
+    return next(i for i in ids if not 0 <= i < vocab_size)
 

@@ -18,3 +18,5 @@ class SchedulerConfig:
     # Share of running requests' remaining max_new_tokens reserved when
     # admitting new ones (an estimate; retraction corrects a wrong one).
     new_token_ratio: float = 0.5
+    # Requests allowed to wait for admission; more are refused (503). None: no bound.
+    max_queued_requests: int | None = None

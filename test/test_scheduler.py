@@ -137,6 +137,55 @@ def test_too_large_requests_are_rejected_with_reason(tiny_qwen3):
     sched.shutdown()
 
 
+def test_out_of_vocabulary_ids_are_refused_not_run(tiny_qwen3):
+    sched = make_scheduler(tiny_qwen3)
+    vocab = sched.vocab_size
+    outcomes = run(sched, [
+        ("too-big", [1, 2, vocab], greedy(4)),
+        ("negative", [5, -1], greedy(4)),
+        ("ok", [1, 2, vocab - 1], greedy(4)),
+    ])
+    for rid, bad in (("too-big", vocab), ("negative", -1)):
+        finish = outcomes[rid].finish
+        assert finish.kind == "abort" and finish.status_code == 400
+        assert f"token id {bad} is outside the vocabulary [0, {vocab})" in finish.message
+    assert outcomes["ok"].finish.kind == "length" and len(outcomes["ok"].output_ids) == 4
+    assert_no_leak(sched)
+    sched.shutdown()
+
+
+def test_queue_bound_refuses_whole_requests_with_503(tiny_qwen3):
+    sched = make_scheduler(tiny_qwen3, max_queued=3)
+    prompts = make_prompts([6] * 4, VOCAB, seed=5)
+    sched.add_request(TokenizedGenerateReq("a", prompts[0], greedy(3)))
+    sched.add_request(TokenizedGenerateReq("b", prompts[1], greedy(3)))
+    # Two of three places taken: an n = 3 request is admitted whole, never in part.
+    sched.add_request(TokenizedGenerateReq("multi", prompts[2], SamplingParams(max_new_tokens=3, n=3, seed=1)))
+    sched.add_request(TokenizedGenerateReq("late", prompts[3], greedy(3)))
+    outcomes: dict[str, Outcome] = {}
+    for out in sched.run_until_idle():
+        collect(outcomes, out)
+    assert all(outcomes[f"multi-{i}"].finish.kind == "length" for i in range(3))
+    late = outcomes["late"].finish
+    assert late.kind == "abort" and late.status_code == 503 and "queue is full" in late.message
+    # Once the queue drains, the same request is served.
+    assert run(sched, [("again", prompts[3], greedy(3))])["again"].finish.kind == "length"
+    assert_no_leak(sched)
+    sched.shutdown()
+
+
+def test_many_parallel_sample_requests_leave_nothing_behind(tiny_qwen3):
+    sched = make_scheduler(tiny_qwen3)
+    prompts = make_prompts([5] * 20, VOCAB, seed=9)
+    for i, prompt in enumerate(prompts):
+        sched.add_request(TokenizedGenerateReq(f"m{i}", prompt, SamplingParams(max_new_tokens=2, n=2, seed=i)))
+        if i % 3 == 0:
+            sched.abort_request(AbortReq(f"m{i}-1"))
+    sched.run_until_idle()
+    assert_no_leak(sched)  # checks the request table is empty too
+    sched.shutdown()
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_abort_in_every_state_frees_everything(tiny_qwen3, overlap):
     sched = make_scheduler(tiny_qwen3, chunk=16, overlap=overlap, max_running=2)

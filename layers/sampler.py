@@ -255,6 +255,9 @@ def _filter_probs(probs: Tensor, info: SamplingBatchInfo) -> Tensor:
             # i.e. top_p on the renormalised top_k distribution.
             before = cum - kept
             drop = (before >= info.top_ps * cum[:, -1:]) & (info.top_ps < 1.0)
+            # The top token always stays: a top_p that underflows float32
+            # (1e-46) would otherwise drop every token.
+            drop[:, 0] = False
             keep &= ~drop
         # Back to vocab order so seeded noise is indexed by token id, not by rank.
         mask = torch.zeros_like(keep).scatter_(1, sorted_idx, keep)

@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from managers.io_struct import BatchStrOut, BatchTokenIDOut
+from managers.liveness import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +84,14 @@ def run_detokenizer_process(server_args, port_args, ready: Connection) -> None:
 
     _configure_child_logging(server_args.log_level, "detokenizer")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent(port_args.socket_dir, "detokenizer")
     parent = os.getppid()
     try:
         from transformers import AutoTokenizer
 
         detokenizer = IncrementalDetokenizer(AutoTokenizer.from_pretrained(server_args.tokenizer_path))
         context = zmq.Context(1)
+        context.setsockopt(zmq.LINGER, 0)  # never wait at exit for a reader that is gone
         recv = context.socket(zmq.PULL)
         recv.bind(port_args.detokenizer_input)
         send = context.socket(zmq.PUSH)

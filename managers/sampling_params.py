@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Temperatures below this sample as greedy: dividing logits by them overflows
+# (1e-38 gave inf logits and NaN probabilities). SGLang and vLLM do the same.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -32,6 +36,8 @@ class SamplingParams:
         # OpenAI-style clients send top_k=0 for "disabled"; keep a single spelling.
         if self.top_k == 0:
             self.top_k = -1
+        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < GREEDY_TEMPERATURE:
+            self.temperature = 0.0
 
     @property
     def is_greedy(self) -> bool:

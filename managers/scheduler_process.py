@@ -31,6 +31,7 @@ from managers.io_struct import (
     SchedulerReady,
     TokenizedGenerateReq,
 )
+from managers.liveness import Heartbeat, exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ class PortArgs:
     detokenizer_input: str
     tokenizer_input: str
 
+    @property
+    def socket_dir(self) -> str:
+        return os.path.dirname(self.scheduler_input.removeprefix("ipc://"))
+
     @classmethod
     def in_dir(cls, directory: str) -> PortArgs:
         return cls(
@@ -56,15 +61,23 @@ class PortArgs:
 
 
 def run_scheduler_process(
-    server_args, port_args: PortArgs, ready: Connection, tp_rank: int = 0, dist_init_addr: str | None = None
+    server_args,
+    port_args: PortArgs,
+    ready: Connection,
+    tp_rank: int = 0,
+    dist_init_addr: str | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> None:
     """Process entry point for TP rank `tp_rank`. `server_args` is a
     runtime.server_args.ServerArgs (typed loosely: managers must not import
     runtime). Rank 0 owns the sockets; with tp_size > 1 it broadcasts what it
-    receives to the other ranks, and every rank runs the same schedule."""
+    receives to the other ranks, and every rank runs the same schedule.
+    `heartbeat` (rank 0 on node 0) is stamped every loop iteration."""
     tp_size = server_args.tp_size
-    _configure_child_logging(server_args.log_level, "scheduler" if tp_size == 1 else f"scheduler TP{tp_rank}")
+    name = "scheduler" if tp_size == 1 else f"scheduler TP{tp_rank}"
+    _configure_child_logging(server_args.log_level, name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    exit_with_parent(port_args.socket_dir, name)
     stop = _StopFlag()
     if tp_rank == 0:  # other ranks die on SIGTERM as usual; rank 0 notices at its next collective
         signal.signal(signal.SIGTERM, stop.set)
@@ -119,6 +132,8 @@ def run_scheduler_process(
         sys.exit(1)
 
     while True:
+        if heartbeat is not None:
+            heartbeat.beat(busy=not scheduler.is_idle())
         if io is not None:
             messages: list | None = None if stop.requested else io.receive(block=scheduler.is_idle())
         if tp_group is not None:
@@ -177,6 +192,9 @@ class _StopFlag:
 class _RankZeroSockets:
     def __init__(self, port_args: PortArgs) -> None:
         context = zmq.Context(1)
+        # Undelivered messages must not hold the process at exit (a dead
+        # detokenizer made the scheduler hang in Context.term()).
+        context.setsockopt(zmq.LINGER, 0)
         self.recv = context.socket(zmq.PULL)
         self.recv.bind(port_args.scheduler_input)
         self.to_detokenizer = context.socket(zmq.PUSH)

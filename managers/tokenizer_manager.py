@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,13 +39,22 @@ logger = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 MAX_TOP_LOGPROBS = 20
+# Stop strings are checked against every new token of the request: bound the
+# work one request can ask for (100,000 of them slowed others 16x).
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
+# Tokenization and chat templates run here, off the event loop, so a huge
+# prompt does not stall other routes (the fast tokenizer releases the GIL).
+TOKENIZER_THREADS = 4
 _INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "n", "seed"}
 _BOOL_FIELDS = {"ignore_eos", "skip_special_tokens"}
 
 
 def _check_type(name: str, value: Any) -> None:
     """JSON gives us any type; name the field whose value has the wrong one."""
-    if value is None and name in ("seed", "stop", "stop_token_ids"):
+    # max_new_tokens None: as many as the context has room for.
+    if value is None and name in ("seed", "stop", "stop_token_ids", "max_new_tokens"):
         return
     if name in _INT_FIELDS:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -125,21 +135,85 @@ class _ReqState:
 
 
 class ServerDeadError(RuntimeError):
-    pass
+    """A child process died (or the watchdog gave up on it): a 500."""
+
+
+class ServiceUnavailableError(RuntimeError):
+    """The server is overloaded or shutting down: a 503 the client may retry."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ServerShuttingDownError(ServiceUnavailableError, ServerDeadError):
+    """Open requests when the shutdown grace period ran out."""
+
+
+def request_rids(rid: str, n: int) -> list[str]:
+    """The ids a request's outputs travel under (n > 1 fans out in the scheduler)."""
+    return [rid] if n == 1 else [f"{rid}-{i}" for i in range(n)]
+
+
+def _check_unique_rids(reqs: list[TokenizedGenerateReq], in_use: Any) -> None:
+    seen: dict[str, str] = {}
+    for msg in reqs:
+        for rid in request_rids(msg.rid, msg.sampling_params.n):
+            if rid in in_use:
+                raise ValueError(f"request id {rid!r} is already in use")
+            if rid in seen:
+                clash = "" if seen[rid] == rid else f" (from rid {seen[rid]!r} with n > 1)"
+                raise ValueError(f"request id {rid!r} appears more than once in this request{clash}")
+            seen[rid] = msg.rid
+
+
+def _first_out_of_vocab(ids: list[int], vocab_size: int) -> tuple[int, int] | None:
+    """(position, id) of the first id outside [0, vocab_size), if any."""
+    if min(ids) >= 0 and max(ids) < vocab_size:
+        return None
+    return next((pos, i) for pos, i in enumerate(ids) if not 0 <= i < vocab_size)
+
+
+def _check_stop_bounds(raw: dict) -> None:
+    stop = raw.get("stop") or []
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stop)}")
+    longest = max(map(len, stop), default=0)
+    if longest > MAX_STOP_STRING_CHARS:
+        raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters, got one of {longest}")
+    if len(raw.get("stop_token_ids") or []) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed")
+
+
+def _raise_if_refused(state: _ReqState) -> None:
+    """The scheduler refused the request before running it: an error for the
+    caller (400 for bad input, 503 with a retry hint when overloaded)."""
+    finish = state.finish
+    if finish is None or finish.kind != "abort" or finish.status_code is None:
+        return
+    message = finish.message or "the request was refused"
+    if finish.status_code == 503:
+        raise ServiceUnavailableError(message)
+    raise ValueError(message)
 
 
 class TokenizerManager:
-    def __init__(self, server_args: Any, port_args: Any, context_len: int, kv_capacity: int) -> None:
+    def __init__(self, server_args: Any, port_args: Any, ready: Any) -> None:
+        """`ready` is the scheduler's `SchedulerReady` report (limits of the model and pool)."""
         self.server_args = server_args
         self.served_model_name = server_args.served_model_name
-        self.context_len = context_len
-        self.kv_capacity = kv_capacity
+        self.context_len = ready.context_len
+        self.kv_capacity = ready.max_total_num_tokens
+        self.vocab_size = ready.vocab_size
         self.tokenizer = None
         if not server_args.skip_tokenizer_init:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
         self.zmq_context = zmq.asyncio.Context(1)
+        # Never block an exit on undelivered messages: the peers may be dead.
+        self.zmq_context.setsockopt(zmq.LINGER, 0)
+        self.tokenize_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
         self.to_scheduler = self.zmq_context.socket(zmq.PUSH)
         self.to_scheduler.connect(port_args.scheduler_input)
         self.port_args = port_args
@@ -147,6 +221,7 @@ class TokenizerManager:
         self.control_waiters: dict[type, list[asyncio.Future]] = {}
         self.dead_reason: str | None = None
         self.recv_task: asyncio.Task | None = None
+        self.last_finished_at: float | None = None  # monotonic; a request completed normally
         # Called with (result dict, time to first token) when a request finishes (metrics).
         self.finish_listeners: list[Callable[[dict, float | None], None]] = []
 
@@ -168,12 +243,18 @@ class TokenizerManager:
                 pass
             self.recv_task = None
         self.zmq_context.destroy(linger=0)
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
-    def fail_all(self, reason: str) -> None:
-        """A child process died: every waiting caller gets an error now."""
+    async def run_blocking(self, fn: Callable, *args: Any) -> Any:
+        """Run CPU-heavy request preparation (tokenizing, chat templates) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
+
+    def fail_all(self, reason: str, error: type[ServerDeadError] = ServerDeadError) -> None:
+        """A child process died (or the server is going away): every waiting
+        caller gets `error(reason)` now, and new requests are refused."""
         self.dead_reason = reason
         for state in list(self.states.values()):
-            state.queue.put_nowait(ServerDeadError(reason))
+            state.queue.put_nowait(error(reason))
         for waiters in self.control_waiters.values():
             for fut in waiters:
                 if not fut.done():
@@ -187,16 +268,15 @@ class TokenizerManager:
         ValueError for input the caller must fix."""
         if self.dead_reason is not None:
             raise ServerDeadError(self.dead_reason)
-        reqs = self._tokenize_and_validate(obj)
-        for msg in reqs:
-            if msg.rid in self.states or f"{msg.rid}-0" in self.states:
-                raise ValueError(f"request id {msg.rid!r} is already in use")
+        reqs = await self.run_blocking(self._tokenize_and_validate, obj)
+        if self.dead_reason is not None:  # died (or began shutting down) while we tokenized
+            raise ServerDeadError(self.dead_reason)
+        _check_unique_rids(reqs, self.states)
         queue: asyncio.Queue = asyncio.Queue()
         states: list[_ReqState] = []
         for prompt_index, msg in enumerate(reqs):
             n = msg.sampling_params.n
-            rids = [msg.rid] if n == 1 else [f"{msg.rid}-{i}" for i in range(n)]
-            for j, rid in enumerate(rids):
+            for j, rid in enumerate(request_rids(msg.rid, n)):
                 state = _ReqState(rid, prompt_index * n + j, len(msg.input_ids), queue)
                 self.states[rid] = state
                 states.append(state)
@@ -213,6 +293,7 @@ class TokenizerManager:
                     continue  # a queued duplicate of an update already yielded as final
                 if state.finish is not None:
                     unfinished.discard(state.rid)
+                    _raise_if_refused(state)
                 if obj.stream or state.finish is not None:
                     yield state.result()
         finally:
@@ -221,6 +302,10 @@ class TokenizerManager:
                     self.abort_request(rid)
             for state in states:
                 self.states.pop(state.rid, None)
+
+    def is_busy(self) -> bool:
+        """Requests are waiting for results (for the watchdog and the shutdown drain)."""
+        return bool(self.states)
 
     async def _next_update(self, queue: asyncio.Queue, request: Any, states: list[_ReqState]):
         while True:
@@ -263,6 +348,12 @@ class TokenizerManager:
         out = []
         for prompt, p, rid in zip(prompts, params_list, rids):
             sampling = self._sampling_params(p)
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            if sampling.max_new_tokens is None:
+                room = min(self.context_len, self.kv_capacity) - len(prompt)
+                sampling.max_new_tokens = max(sampling.min_new_tokens, room)  # too long: _check_length says so
+            self._check_ids(prompt)
             self._check_length(prompt, sampling)
             out.append(
                 TokenizedGenerateReq(
@@ -288,13 +379,26 @@ class TokenizerManager:
             raw["stop"] = [raw["stop"]]
         for name, value in raw.items():
             _check_type(name, value)
+        _check_stop_bounds(raw)
+        rest_of_context = "max_new_tokens" in raw and raw["max_new_tokens"] is None
+        if rest_of_context:
+            # Set per prompt by the caller; validate with the least it may become.
+            raw["max_new_tokens"] = raw.get("min_new_tokens", 0)
         params = SamplingParams(**raw)
         params.validate()
+        if rest_of_context:
+            params.max_new_tokens = None  # type: ignore[assignment]
         return params
 
+    def _check_ids(self, prompt: list[int]) -> None:
+        bad = _first_out_of_vocab(prompt, self.vocab_size)
+        if bad is not None:
+            pos, token = bad
+            raise ValueError(
+                f"token id {token} at position {pos} is outside the vocabulary [0, {self.vocab_size})"
+            )
+
     def _check_length(self, prompt: list[int], params: SamplingParams) -> None:
-        if not prompt:
-            raise ValueError("the prompt is empty")
         total = len(prompt) + params.max_new_tokens
         if total > self.context_len:
             raise ValueError(
@@ -361,6 +465,8 @@ class TokenizerManager:
                 self._add_logprobs(state, out.new_token_logprobs[i], out.new_top_logprobs[i])
             if state.first_token_at is None and state.output_ids:
                 state.first_token_at = time.monotonic()
+            if state.finish is not None and state.finish.kind != "abort":
+                self.last_finished_at = time.monotonic()
             if state.finish is not None and self.finish_listeners:
                 result = state.result()
                 ttft = None if state.first_token_at is None else state.first_token_at - state.created

@@ -43,14 +43,12 @@ class Engine:
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
         self.thread.start()
         ready = self.children.ready
-        self.tokenizer_manager = TokenizerManager(
-            self.server_args, self.children.port_args, ready.context_len, ready.max_total_num_tokens
-        )
+        self.tokenizer_manager = TokenizerManager(self.server_args, self.children.port_args, ready)
         self._run(self._start())
         self.children.watch(
-            lambda name, code: self.loop.call_soon_threadsafe(
-                self.tokenizer_manager.fail_all, f"the {name} process died (exit code {code})"
-            )
+            lambda reason: self.loop.call_soon_threadsafe(self.tokenizer_manager.fail_all, reason),
+            has_pending_work=self.tokenizer_manager.is_busy,
+            watchdog_timeout=self.server_args.watchdog_timeout,
         )
         self._closed = False
 

@@ -12,6 +12,8 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,7 +23,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from managers.io_struct import GenerateReqInput
-from managers.tokenizer_manager import ServerDeadError, TokenizerManager
+from managers.tokenizer_manager import ServerDeadError, ServiceUnavailableError, TokenizerManager
+from runtime.body_limit import BodySizeLimitMiddleware
+from runtime.graceful_shutdown import DrainingServer, DrainState
 from runtime.launch import ChildProcesses, launch_children
 from runtime.metrics import ServerMetrics
 from runtime.openai_api import register_openai_routes
@@ -38,20 +42,30 @@ class ORJSONResponse(Response):
 
 GENERATE_FIELDS = {f.name for f in dataclasses.fields(GenerateReqInput)}
 OPEN_PATHS = ("/health",)  # reachable without the API key
+# Routes that start generation: refused (503) once a shutdown has begun.
+WORK_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
 
 
-def error(message: str, status: int = 400) -> ORJSONResponse:
-    return ORJSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": status}}, status)
+def error(message: str, status: int = 400, err_type: str = "invalid_request_error",
+          headers: dict[str, str] | None = None) -> ORJSONResponse:
+    """OpenAI's error shape, used by every route."""
+    body = {"error": {"message": message, "type": err_type, "param": None, "code": status}}
+    return ORJSONResponse(body, status, headers=headers)
 
 
-def create_app(server_args: ServerArgs, children: ChildProcesses) -> FastAPI:
+def unavailable(message: str, retry_after_s: int = 1) -> ORJSONResponse:
+    return error(message, 503, "service_unavailable", {"Retry-After": str(retry_after_s)})
+
+
+def create_app(server_args: ServerArgs, children: ChildProcesses, drain: DrainState | None = None) -> FastAPI:
     ready = children.ready
+    drain = drain or DrainState()
     state: dict[str, Any] = {"tm": None, "accepting": False}
     metrics = ServerMetrics(server_args.served_model_name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        tm = TokenizerManager(server_args, children.port_args, ready.context_len, ready.max_total_num_tokens)
+        tm = TokenizerManager(server_args, children.port_args, ready)
         tm.start()
         tm.finish_listeners.append(lambda result, ttft: metrics.observe_finished(result["meta_info"], ttft))
         state["tm"] = tm
@@ -67,9 +81,20 @@ def create_app(server_args: ServerArgs, children: ChildProcesses) -> FastAPI:
 
     app = FastAPI(lifespan=lifespan, default_response_class=ORJSONResponse)
     app.state.server_state = state
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=int(server_args.max_request_body_mb * (1 << 20)))
 
     def tm() -> TokenizerManager:
         return state["tm"]
+
+    def scheduler_alive() -> bool:
+        beat = children.heartbeat
+        return beat is None or beat.age() < server_args.health_check_timeout
+
+    @app.middleware("http")
+    async def refuse_work_while_draining(request: Request, call_next):
+        if drain.draining and request.url.path in WORK_PATHS:
+            return unavailable("the server is shutting down")
+        return await call_next(request)
 
     if server_args.api_key:
         expected = f"Bearer {server_args.api_key}"
@@ -80,21 +105,45 @@ def create_app(server_args: ServerArgs, children: ChildProcesses) -> FastAPI:
                 return error("invalid or missing API key", 401)
             return await call_next(request)
 
+    @app.exception_handler(ServiceUnavailableError)
+    async def service_unavailable(_: Request, err: ServiceUnavailableError):
+        return unavailable(str(err), err.retry_after_s)
+
     @app.exception_handler(ServerDeadError)
     async def server_dead(_: Request, err: ServerDeadError):
-        return ORJSONResponse({"error": {"message": str(err), "type": "server_error", "code": 500}}, 500)
+        return error(str(err), 500, "server_error")
+
+    def healthy() -> bool:
+        return state["accepting"] and not drain.draining and not tm().dead_reason and scheduler_alive()
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if state["accepting"] else 503)
+        """Up, taking work, and the scheduler's heartbeat is fresh."""
+        return Response(status_code=200 if healthy() else 503)
 
     @app.get("/health_generate")
     async def health_generate(request: Request) -> Response:
-        if not state["accepting"] or tm().dead_reason:
+        """200 at once if a request completed recently (so a busy server is
+        not judged by a probe stuck in its queue), else runs a 1-token request
+        and answers 503 if it does not finish in --health-check-timeout."""
+        if not healthy():
             return Response(status_code=503)
-        obj = GenerateReqInput(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 1, "temperature": 0})
-        async for _ in tm().generate_request(obj, request):
-            pass
+        timeout = server_args.health_check_timeout
+        last = tm().last_finished_at
+        if last is not None and time.monotonic() - last < timeout:
+            return Response(status_code=200)
+        obj = GenerateReqInput(input_ids=[min(1, ready.vocab_size - 1)],
+                               sampling_params={"max_new_tokens": 1, "temperature": 0})
+
+        async def probe() -> None:
+            async for _ in tm().generate_request(obj, request):
+                pass
+
+        try:
+            await asyncio.wait_for(probe(), timeout)  # cancelling aborts the probe request
+        except asyncio.TimeoutError:
+            logger.warning("/health_generate: no result within %g s", timeout)
+            return Response(status_code=503)
         return Response(status_code=200)
 
     @app.get("/get_model_info")
@@ -156,13 +205,13 @@ def create_app(server_args: ServerArgs, children: ChildProcesses) -> FastAPI:
             obj = GenerateReqInput(**body)
             stream = tm().generate_request(obj, request)
             first = await stream.__anext__()
+            if obj.stream:
+                return StreamingResponse(_sse(first, stream), media_type="text/event-stream")
+            results = [first] + [r async for r in stream]
         except ValueError as err:
             return error(str(err))
         except StopAsyncIteration:
             return error("nothing to generate")
-        if obj.stream:
-            return StreamingResponse(_sse(first, stream), media_type="text/event-stream")
-        results = [first] + [r async for r in stream]
         results.sort(key=lambda r: r["index"])
         for r in results:
             r.pop("index")
@@ -187,8 +236,10 @@ async def _sse(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[bytes]:
         yield b"data: " + orjson.dumps(first) + b"\n\n"
         async for chunk in rest:
             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-    except ServerDeadError as err:
-        yield b"data: " + orjson.dumps({"error": {"message": str(err)}}) + b"\n\n"
+    except (ServerDeadError, ServiceUnavailableError, ValueError) as err:
+        # The status line is gone already: the error travels as an event.
+        code = 400 if isinstance(err, ValueError) else 503 if isinstance(err, ServiceUnavailableError) else 500
+        yield b"data: " + orjson.dumps({"error": {"message": str(err), "code": code}}) + b"\n\n"
     yield b"data: [DONE]\n\n"
 
 
@@ -196,54 +247,77 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """Bound before the model loads, so a port in use is found in a second,
+    not after minutes of loading; uvicorn then serves on this very socket."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
 def launch_server(server_args: ServerArgs) -> int:
-    """Run until SIGINT / SIGTERM (exit 0) or a child process dies (exit 1)."""
+    """Run until SIGINT / SIGTERM (exit 0) or a child process dies or hangs (exit 1)."""
     import uvicorn
 
     try:
+        sock = _listen_socket(server_args.host, server_args.port)
+    except OSError as err:
+        logger.error("could not start: cannot listen on %s:%d: %s", server_args.host, server_args.port,
+                     err.strerror or err)
+        return 1
+    try:
         children = launch_children(server_args)
-    except (ValueError, RuntimeError) as err:  # a bad flag for this model, a rank that failed to start
+    except (ValueError, RuntimeError) as err:  # a bad path or flag for this model, a rank that failed to start
+        sock.close()
         logger.error("could not start: %s", err)
         return 1
     exit_code = 0
     try:
-        app = create_app(server_args, children)
+        drain = DrainState()
+        app = create_app(server_args, children, drain)
         config = uvicorn.Config(
             app,
             host=server_args.host,
             port=server_args.port,
             loop="uvloop",
             log_level=server_args.log_level if server_args.log_level != "debug" else "debug",
-            timeout_graceful_shutdown=5,
+            # Responses are complete before uvicorn is told to exit (see DrainingServer).
+            timeout_graceful_shutdown=2,
         )
-        server = uvicorn.Server(config)
+        get_tm = lambda: app.state.server_state["tm"]  # noqa: E731
+        server = DrainingServer(config, drain, get_tm, server_args.shutdown_grace)
 
-        def on_death(name: str, code: int | None) -> None:
+        def on_failure(reason: str) -> None:
             nonlocal exit_code
             exit_code = 1
-            tm = app.state.server_state["tm"]
-            loop = server_loop.get("loop")
+            tm, loop = get_tm(), server.loop
             if tm is not None and loop is not None:
-                loop.call_soon_threadsafe(tm.fail_all, f"the {name} process died (exit code {code})")
+                loop.call_soon_threadsafe(tm.fail_all, reason)
             server.should_exit = True
 
-        server_loop: dict[str, asyncio.AbstractEventLoop] = {}
-
-        async def serve() -> None:
-            server_loop["loop"] = asyncio.get_running_loop()
-            await server.serve()
-
-        children.watch(on_death)
-        # uvicorn handles SIGINT/SIGTERM itself, then re-raises the signal to
-        # the handler that was there before it: make that one a clean exit so
-        # the `finally` below still stops the children.
+        children.watch(
+            on_failure,
+            has_pending_work=lambda: get_tm() is not None and get_tm().is_busy(),
+            watchdog_timeout=server_args.watchdog_timeout,
+        )
+        # uvicorn handles SIGINT/SIGTERM itself (DrainingServer.handle_exit),
+        # then re-raises the signal to the handler that was there before it:
+        # make that one a clean exit so the `finally` below still stops the children.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _exit_cleanly)
         import uvloop
 
-        uvloop.run(serve())
+        uvloop.run(server.serve(sockets=[sock]))
     finally:
         children.shutdown()
+        sock.close()
     if exit_code:
-        logger.error("exiting with code %d after a child process died", exit_code)
+        logger.error("exiting with code %d: a child process died or hung", exit_code)
     return exit_code

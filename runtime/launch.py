@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import signal
 import socket
@@ -15,12 +16,15 @@ from dataclasses import dataclass
 
 from managers.detokenizer_manager import run_detokenizer_process
 from managers.io_struct import SchedulerReady
+from managers.liveness import Heartbeat
 from managers.scheduler_process import PortArgs, run_scheduler_process
 
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 600  # model load plus KV allocation
 WATCH_INTERVAL_S = 0.2
+# Any one of these makes a directory a tokenizer (fast, sentencepiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
 
 
 @dataclass
@@ -29,18 +33,38 @@ class ChildProcesses:
     socket_dir: str
     port_args: PortArgs
     ready: SchedulerReady
+    heartbeat: Heartbeat | None = None  # the scheduler's (node 0 only)
     stopping: bool = False
 
-    def watch(self, on_death: Callable[[str, int | None], None]) -> threading.Thread:
-        """Call `on_death(name, exit_code)` (once) if a child exits while we are not stopping."""
+    def watch(
+        self,
+        on_failure: Callable[[str], None],
+        has_pending_work: Callable[[], bool] = lambda: False,
+        watchdog_timeout: float | None = None,
+    ) -> threading.Thread:
+        """Call `on_failure(reason)` (once) if a child exits while we are not
+        stopping, or, with `watchdog_timeout`, if the scheduler has not gone
+        round its loop for that long while work is pending (its own queue,
+        or `has_pending_work()`: requests it may not have read yet)."""
+
+        def failure() -> str | None:
+            for name, proc in self.processes.items():
+                if not proc.is_alive():
+                    return f"the {name} process (pid {proc.pid}) died with exit code {proc.exitcode}"
+            beat = self.heartbeat
+            if watchdog_timeout and beat is not None and beat.age() > watchdog_timeout:
+                if beat.busy() or has_pending_work():
+                    return (f"watchdog: the scheduler made no progress for {beat.age():.0f} s with work "
+                            f"pending (--watchdog-timeout {watchdog_timeout:g})")
+            return None
 
         def loop() -> None:
             while not self.stopping:
-                for name, proc in self.processes.items():
-                    if not proc.is_alive() and not self.stopping:
-                        logger.error("%s process (pid %s) died with exit code %s", name, proc.pid, proc.exitcode)
-                        on_death(name, proc.exitcode)
-                        return
+                reason = failure()
+                if reason is not None and not self.stopping:
+                    logger.error("%s", reason)
+                    on_failure(reason)
+                    return
                 time.sleep(WATCH_INTERVAL_S)
 
         thread = threading.Thread(target=loop, name="child-watchdog", daemon=True)
@@ -70,6 +94,7 @@ def launch_children(server_args) -> ChildProcesses:
     this node's first rank's elsewhere."""
     from model_executor.tp_layout import check_tp_layout
 
+    check_model_files(server_args)
     # Refuse a --tp-size the model cannot split before any rank starts.
     check_tp_layout(server_args.model_path, server_args.tp_size)
     dist_init_addr = server_args.dist_init_addr
@@ -79,10 +104,11 @@ def launch_children(server_args) -> ChildProcesses:
     socket_dir = tempfile.mkdtemp(prefix="rxs-", dir="/tmp")
     port_args = PortArgs.in_dir(socket_dir)
     ctx = mp.get_context("spawn")
+    heartbeat = Heartbeat(ctx) if server_args.node_rank == 0 else None
     targets: list[tuple[str, Callable, tuple]] = []
     for rank in server_args.local_tp_ranks():
         name = "scheduler" if server_args.tp_size == 1 else f"scheduler_tp{rank}"
-        targets.append((name, run_scheduler_process, (rank, dist_init_addr)))
+        targets.append((name, run_scheduler_process, (rank, dist_init_addr, heartbeat if rank == 0 else None)))
     if server_args.node_rank == 0:
         targets.append(("detokenizer", run_detokenizer_process, ()))
     processes: dict[str, mp.Process] = {}
@@ -92,7 +118,7 @@ def launch_children(server_args) -> ChildProcesses:
         proc = ctx.Process(target=target, args=(server_args, port_args, writer, *extra), name=name, daemon=True)
         proc.start()
         processes[name], pipes[name] = proc, reader
-    children = ChildProcesses(processes, socket_dir, port_args, ready=None)  # type: ignore[arg-type]
+    children = ChildProcesses(processes, socket_dir, port_args, ready=None, heartbeat=heartbeat)  # type: ignore[arg-type]
     try:
         reports = _wait_all_ready(processes, pipes)
     except BaseException:
@@ -100,6 +126,25 @@ def launch_children(server_args) -> ChildProcesses:
         raise
     children.ready = reports[targets[0][0]]
     return children
+
+
+def check_model_files(server_args) -> None:
+    """One clear line for a wrong path, before any process starts (else: a
+    hub-style "Repo id must be..." error from deep inside transformers, or,
+    for a missing tokenizer, an empty one that turns every prompt into [])."""
+    path = server_args.model_path
+    if not os.path.isdir(path):
+        raise ValueError(f"--model-path {path}: no such directory (checkpoints are loaded from local paths)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--model-path {path} has no config.json: not a Hugging Face checkpoint directory")
+    if server_args.skip_tokenizer_init:
+        return
+    tok = server_args.tokenizer_path
+    if not os.path.isdir(tok) or not any(os.path.isfile(os.path.join(tok, f)) for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"no tokenizer in {tok} (looked for {', '.join(TOKENIZER_FILES)}); pass --tokenizer-path, "
+            "or --skip-tokenizer-init to serve token ids only"
+        )
 
 
 def free_port() -> int:
@@ -147,19 +192,15 @@ def run_worker_node(server_args) -> int:
     ranks = list(server_args.local_tp_ranks())
     logger.info("node %d: TP ranks %s ready; requests are served by node 0", server_args.node_rank, ranks)
     stopped = threading.Event()
-    exits: list[int | None] = []
-
-    def on_death(name: str, code: int | None) -> None:
-        exits.append(code)
-        stopped.set()
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stopped.set())
-    children.watch(on_death)
+    children.watch(lambda reason: stopped.set())
     while not stopped.wait(0.5):
         pass
+    # Node 0 stopping our ranks is the normal end: they exit 0.
+    failed = [name for name, proc in children.processes.items() if proc.exitcode not in (None, 0)]
     children.shutdown()
-    if exits and exits[0] != 0:
-        logger.error("node %d: a TP rank exited with code %s; stopping this node", server_args.node_rank, exits[0])
+    if failed:
+        logger.error("node %d: %s exited with an error; stopping this node", server_args.node_rank, ", ".join(failed))
         return 1
     return 0

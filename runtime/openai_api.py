@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from managers.io_struct import GenerateReqInput
+from managers.tokenizer_manager import ServerDeadError, ServiceUnavailableError
 from runtime.openai_protocol import (
     DEFAULT_MODEL_NAME,
     ChatCompletionRequest,
@@ -142,6 +143,8 @@ def completion_to_generate(req: CompletionRequest, tm: TokenizerManager) -> Gene
 
 def chat_to_generate(req: ChatCompletionRequest, tm: TokenizerManager) -> GenerateReqInput:
     """Renders the chat template; raises ValueError (a 400) if the template rejects the messages."""
+    if tm.tokenizer is None:
+        raise ValueError("chat needs a tokenizer: this server was started with --skip-tokenizer-init")
     messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
     try:
         text = tm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -150,8 +153,10 @@ def chat_to_generate(req: ChatCompletionRequest, tm: TokenizerManager) -> Genera
     except Exception as exc:  # jinja2 TemplateError (e.g. "roles must alternate"), raise_exception()
         raise ValueError(f"Chat template error: {exc}") from exc
     max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = _sampling_params(req, max_new)
+    params.setdefault("max_new_tokens", None)  # unset: whatever room the context leaves
     return GenerateReqInput(
-        text=text, sampling_params=_sampling_params(req, max_new), stream=req.stream,
+        text=text, sampling_params=params, stream=req.stream,
         return_logprob=req.logprobs, top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else 0)
 
 
@@ -329,6 +334,10 @@ async def openai_stream(req: CompletionRequest | ChatCompletionRequest, results:
             yield sse({**header, "choices": [], "usage": usage_from_results(list(last.values()), req.n)})
     except ValueError as exc:
         yield sse(openai_error_body(str(exc)))
+    except ServiceUnavailableError as exc:  # shutting down: expected, no traceback
+        yield sse(openai_error_body(str(exc), "service_unavailable", code=503))
+    except ServerDeadError as exc:
+        yield sse(openai_error_body(str(exc), "server_error", code=500))
     except Exception as exc:
         logger.exception("stream %s failed", header["id"] or "(no id yet)")
         yield sse(openai_error_body(f"Internal server error: {exc}", "internal_server_error", code=500))
@@ -367,7 +376,7 @@ async def _serve(raw: Request, tm: TokenizerManager,
         if isinstance(req, CompletionRequest):
             obj = completion_to_generate(req, tm)
         else:
-            obj = chat_to_generate(req, tm)
+            obj = await tm.run_blocking(chat_to_generate, req, tm)  # templates can be slow
         results = tm.generate_request(obj, raw)
         if req.stream:
             stream = openai_stream(req, await _peek(results), tm.served_model_name, created)
@@ -375,6 +384,8 @@ async def _serve(raw: Request, tm: TokenizerManager,
         collected = [res async for res in results]
     except ValueError as exc:
         return openai_error_response(str(exc))
+    except (ServiceUnavailableError, ServerDeadError):
+        raise  # the app's handlers answer 503 / 500
     except Exception as exc:
         logger.exception("%s failed", raw.url.path)
         return openai_error_response(f"Internal server error: {exc}", 500, "internal_server_error")

@@ -108,6 +108,27 @@ class ServerArgs:
     port: int = _arg(30000, "HTTP port.")
     api_key: str | None = _arg(None, "If set, requests must send this bearer token.")
     stream_interval: int = _arg(1, "Send a streaming chunk every N decoded tokens.")
+    max_queued_requests: int | None = _arg(
+        None, "Requests allowed to wait for admission; more get 503 with Retry-After. Default: unbounded."
+    )
+    max_request_body_mb: float = _arg(
+        32, "Largest HTTP request body, in MiB; larger ones get 413."
+    )
+    watchdog_timeout: float = _arg(
+        300,
+        "Exit with an error when the scheduler makes no progress for this many seconds "
+        "while requests are pending (a hung step or process).",
+    )
+    health_check_timeout: float = _arg(
+        20,
+        "Seconds: /health turns 503 when the scheduler has not gone round its loop for this "
+        "long, and /health_generate waits this long for its test request.",
+    )
+    shutdown_grace: float = _arg(
+        30,
+        "On SIGTERM, seconds in-flight requests get to finish (new ones get 503) before open "
+        "streams end with an error event and waiting calls with a 503.",
+    )
     random_seed: int = _arg(0, "Seed for sampling and weight init.")
     log_level: str = _arg("info", "Logging level.", ("debug", "info", "warning", "error"))
 
@@ -139,6 +160,13 @@ class ServerArgs:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {value}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
+            raise ValueError(f"--max-queued-requests must be >= 1, got {self.max_queued_requests}")
+        for name in ("max_request_body_mb", "watchdog_timeout", "health_check_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        if not self.shutdown_grace >= 0:
+            raise ValueError(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
         if self.context_length is not None and self.context_length < 1:
             raise ValueError(f"--context-length must be >= 1, got {self.context_length}")
         if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
@@ -260,6 +288,7 @@ class ServerArgs:
             disable_radix_cache=self.disable_radix_cache,
             enable_overlap=not self.disable_overlap
             and (self.device != "cpu" or self.enable_cpu_overlap),
+            max_queued_requests=self.max_queued_requests,
         )
 
 

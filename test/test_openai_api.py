@@ -230,7 +230,8 @@ def test_chat_conversion_uses_template(tm):
 def test_chat_max_tokens_and_logprobs(tm):
     params = chat_to_generate(chat(max_tokens=9, max_completion_tokens=4), tm).sampling_params
     assert params["max_new_tokens"] == 4
-    assert "max_new_tokens" not in chat_to_generate(chat(), tm).sampling_params  # backend default
+    # Unset: None, which the tokenizer manager turns into the room left in the context.
+    assert chat_to_generate(chat(), tm).sampling_params["max_new_tokens"] is None
     obj = chat_to_generate(chat(logprobs=True, top_logprobs=4), tm)
     assert obj.return_logprob and obj.top_logprobs_num == 4
     obj = chat_to_generate(chat(logprobs=True), tm)

@@ -224,6 +224,19 @@ def test_top_p_keeps_nucleus(top_p: float, kept: set[int]) -> None:
     assert support(BASE_PROBS, SamplingParams(top_p=top_p)) == kept
 
 
+def test_top_p_that_underflows_float32_keeps_the_top_token() -> None:
+    # 1e-46 is 0 in float32; the most likely token (not token 0) must survive.
+    assert support([0.1, 0.6, 0.2, 0.1], SamplingParams(top_p=1e-46)) == {1}
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-6])
+def test_tiny_temperature_is_greedy(temperature: float) -> None:
+    params = SamplingParams(temperature=temperature)
+    assert params.temperature == 0.0 and params.is_greedy
+    assert support([0.1, 0.6, 0.2, 0.1], params) == {1}
+    assert SamplingParams(temperature=1e-4).temperature == 1e-4  # small but real: still sampled
+
+
 def test_top_p_applies_to_top_k_renormalised() -> None:
     # After top_k=2 the distribution is [4/7, 3/7]; top_p=0.5 keeps only the first.
     assert support([0.4, 0.3, 0.2, 0.1], SamplingParams(top_k=2, top_p=0.5)) == {0}

@@ -47,6 +47,7 @@ MAX_STOP_TOKEN_IDS = 1024
 # Tokenization and chat templates run here, off the event loop, so a huge
 # prompt does not stall other routes (the fast tokenizer releases the GIL).
 TOKENIZER_THREADS = 4
+DISCONNECT_POLL_S = 0.5
 _INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "n", "seed"}
 _BOOL_FIELDS = {"ignore_eos", "skip_special_tokens"}
 
@@ -150,6 +151,10 @@ class ServerShuttingDownError(ServiceUnavailableError, ServerDeadError):
     """Open requests when the shutdown grace period ran out."""
 
 
+class ClientDisconnected(Exception):
+    """The HTTP client went away; its requests were aborted. Nobody to answer."""
+
+
 def request_rids(rid: str, n: int) -> list[str]:
     """The ids a request's outputs travel under (n > 1 fans out in the scheduler)."""
     return [rid] if n == 1 else [f"{rid}-{i}" for i in range(n)]
@@ -183,6 +188,20 @@ def _check_stop_bounds(raw: dict) -> None:
         raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters, got one of {longest}")
     if len(raw.get("stop_token_ids") or []) > MAX_STOP_TOKEN_IDS:
         raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed")
+
+
+class _DisconnectWatch:
+    """Asks the HTTP request whether its client left, at most every DISCONNECT_POLL_S."""
+
+    def __init__(self, request: Any | None) -> None:
+        self.request = request
+        self.next_check = time.monotonic() + DISCONNECT_POLL_S
+
+    async def gone(self) -> bool:
+        if self.request is None or time.monotonic() < self.next_check:
+            return False
+        self.next_check = time.monotonic() + DISCONNECT_POLL_S
+        return await self.request.is_disconnected()
 
 
 def _raise_if_refused(state: _ReqState) -> None:
@@ -283,9 +302,10 @@ class TokenizerManager:
         for msg in reqs:
             self.to_scheduler.send_pyobj(msg)
         unfinished = {s.rid for s in states}
+        watch = _DisconnectWatch(request)
         try:
             while unfinished:
-                item = await self._next_update(queue, request, states)
+                item = await self._next_update(queue, watch, states)
                 if isinstance(item, BaseException):
                     raise item
                 state = item
@@ -307,14 +327,18 @@ class TokenizerManager:
         """Requests are waiting for results (for the watchdog and the shutdown drain)."""
         return bool(self.states)
 
-    async def _next_update(self, queue: asyncio.Queue, request: Any, states: list[_ReqState]):
+    async def _next_update(self, queue: asyncio.Queue, watch: _DisconnectWatch, states: list[_ReqState]):
         while True:
+            # Checked on a clock, not only when no update came: a non-streamed
+            # request gets an update every step, and its client once went
+            # unnoticed for the whole generation.
+            if await watch.gone():
+                logger.info("client disconnected; aborting %s", ", ".join(s.rid for s in states))
+                raise ClientDisconnected
             try:
-                return await asyncio.wait_for(queue.get(), timeout=0.5)
+                return await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    logger.info("client disconnected; aborting %s", ", ".join(s.rid for s in states))
-                    raise asyncio.CancelledError("client disconnected")
+                pass
 
     def abort_request(self, rid: str) -> None:
         self.to_scheduler.send_pyobj(AbortReq(rid))

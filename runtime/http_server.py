@@ -23,8 +23,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from managers.io_struct import GenerateReqInput
-from managers.tokenizer_manager import ServerDeadError, ServiceUnavailableError, TokenizerManager
-from runtime.body_limit import BodySizeLimitMiddleware
+from managers.tokenizer_manager import (
+    ClientDisconnected,
+    ServerDeadError,
+    ServiceUnavailableError,
+    TokenizerManager,
+)
+from runtime.asgi_guards import ApiKeyMiddleware, BodySizeLimitMiddleware, DrainMiddleware
 from runtime.graceful_shutdown import DrainingServer, DrainState
 from runtime.launch import ChildProcesses, launch_children
 from runtime.metrics import ServerMetrics
@@ -44,6 +49,7 @@ GENERATE_FIELDS = {f.name for f in dataclasses.fields(GenerateReqInput)}
 OPEN_PATHS = ("/health",)  # reachable without the API key
 # Routes that start generation: refused (503) once a shutdown has begun.
 WORK_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, the access log does
 
 
 def error(message: str, status: int = 400, err_type: str = "invalid_request_error",
@@ -81,7 +87,11 @@ def create_app(server_args: ServerArgs, children: ChildProcesses, drain: DrainSt
 
     app = FastAPI(lifespan=lifespan, default_response_class=ORJSONResponse)
     app.state.server_state = state
+    # Added last runs first: the key is checked before a body is read.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=int(server_args.max_request_body_mb * (1 << 20)))
+    app.add_middleware(DrainMiddleware, is_draining=lambda: drain.draining, work_paths=WORK_PATHS)
+    if server_args.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=server_args.api_key, open_paths=OPEN_PATHS)
 
     def tm() -> TokenizerManager:
         return state["tm"]
@@ -90,20 +100,6 @@ def create_app(server_args: ServerArgs, children: ChildProcesses, drain: DrainSt
         beat = children.heartbeat
         return beat is None or beat.age() < server_args.health_check_timeout
 
-    @app.middleware("http")
-    async def refuse_work_while_draining(request: Request, call_next):
-        if drain.draining and request.url.path in WORK_PATHS:
-            return unavailable("the server is shutting down")
-        return await call_next(request)
-
-    if server_args.api_key:
-        expected = f"Bearer {server_args.api_key}"
-
-        @app.middleware("http")
-        async def check_api_key(request: Request, call_next):
-            if request.url.path not in OPEN_PATHS and request.headers.get("authorization") != expected:
-                return error("invalid or missing API key", 401)
-            return await call_next(request)
 
     @app.exception_handler(ServiceUnavailableError)
     async def service_unavailable(_: Request, err: ServiceUnavailableError):
@@ -212,6 +208,8 @@ def create_app(server_args: ServerArgs, children: ChildProcesses, drain: DrainSt
             return error(str(err))
         except StopAsyncIteration:
             return error("nothing to generate")
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         results.sort(key=lambda r: r["index"])
         for r in results:
             r.pop("index")
@@ -236,6 +234,8 @@ async def _sse(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[bytes]:
         yield b"data: " + orjson.dumps(first) + b"\n\n"
         async for chunk in rest:
             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+    except ClientDisconnected:
+        return
     except (ServerDeadError, ServiceUnavailableError, ValueError) as err:
         # The status line is gone already: the error travels as an event.
         code = 400 if isinstance(err, ValueError) else 503 if isinstance(err, ServiceUnavailableError) else 500

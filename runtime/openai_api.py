@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from managers.io_struct import GenerateReqInput
-from managers.tokenizer_manager import ServerDeadError, ServiceUnavailableError
+from managers.tokenizer_manager import ClientDisconnected, ServerDeadError, ServiceUnavailableError
 from runtime.openai_protocol import (
     DEFAULT_MODEL_NAME,
     ChatCompletionRequest,
@@ -332,6 +332,8 @@ async def openai_stream(req: CompletionRequest | ChatCompletionRequest, results:
             yield sse({**header, "choices": [choice]})
         if req.include_usage:
             yield sse({**header, "choices": [], "usage": usage_from_results(list(last.values()), req.n)})
+    except ClientDisconnected:
+        return
     except ValueError as exc:
         yield sse(openai_error_body(str(exc)))
     except ServiceUnavailableError as exc:  # shutting down: expected, no traceback
@@ -386,6 +388,8 @@ async def _serve(raw: Request, tm: TokenizerManager,
         return openai_error_response(str(exc))
     except (ServiceUnavailableError, ServerDeadError):
         raise  # the app's handlers answer 503 / 500
+    except ClientDisconnected:
+        return Response(status_code=499)
     except Exception as exc:
         logger.exception("%s failed", raw.url.path)
         return openai_error_response(f"Internal server error: {exc}", 500, "internal_server_error")

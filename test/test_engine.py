@@ -64,6 +64,9 @@ def test_n_samples_and_errors(engine):
         engine.generate("x", {"temperature": -2})
     with pytest.raises(ValueError, match="context length"):
         engine.generate("x", {"max_new_tokens": 5000})
+    with pytest.raises(ValueError, match=r"token id 4096 at position 1 is outside the vocabulary \[0, 4096\)"):
+        engine.generate(input_ids=[3, 4096], sampling_params={"max_new_tokens": 2})
+    assert engine.generate(input_ids=[3, 4095], sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
 
 
 def test_progress_bar_and_server_info(engine, capsys):

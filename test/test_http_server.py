@@ -145,6 +145,16 @@ def test_abort_request_route(server):
         ({"text": "x", "sampling_params": 3}, "sampling_params must be"),
         ({"text": "x", "stream": "yes"}, "stream and return_logprob"),
         ({"text": "x", "return_logprob": True, "top_logprobs_num": 50}, "top_logprobs_num"),
+        # An id outside the vocabulary once killed the scheduler (IndexError in the embedding).
+        ({"input_ids": [1, 2, 4096], "sampling_params": greedy(2)}, "token id 4096 at position 2 is outside the vocabulary [0, 4096)"),
+        ({"input_ids": [[1, 2], [3, -1]], "sampling_params": greedy(2)}, "token id -1 at position 1"),
+        # Duplicate or colliding rids in one call once returned interleaved output.
+        ({"text": ["a", "b"], "rid": ["same", "same"]}, "'same' appears more than once"),
+        ({"text": ["a", "b"], "rid": ["u1", "u1-0"], "sampling_params": [{"n": 2}, {}]},
+         "'u1-0' appears more than once in this request (from rid 'u1' with n > 1)"),
+        ({"text": "x", "sampling_params": {"stop": ["s"] * 65}}, "at most 64 stop strings"),
+        ({"text": "x", "sampling_params": {"stop": "y" * 257}}, "at most 256 characters"),
+        ({"text": "x", "sampling_params": {"stop_token_ids": [1] * 1025}}, "stop_token_ids"),
     ],
 )
 def test_bad_input_is_a_400_and_the_server_keeps_working(server, body, fragment):

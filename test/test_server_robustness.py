@@ -1,0 +1,375 @@
+"""What a hostile client or an unlucky operator does to a real server
+subprocess: bad token ids, huge bodies, overload, hung or killed processes,
+SIGTERM under load, broken start-up. The server must answer with a clear
+status, keep serving others, and never leave a process or socket behind."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from server_helpers import alive, child_pids, free_port, start_server
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def post(server, path, body, timeout=60, **kw):
+    return requests.post(server.url + path, json=body, timeout=timeout, **kw)
+
+
+def greedy(n, **kw):
+    return {"max_new_tokens": n, "temperature": 0, **kw}
+
+
+def long_params(n=1900):
+    return {"max_new_tokens": n, "ignore_eos": True, "temperature": 0}
+
+
+def wait_until(predicate, timeout, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def health(server) -> int:
+    try:
+        return requests.get(server.url + "/health", timeout=2).status_code
+    except requests.RequestException:
+        return -1
+
+
+def sse_events(response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith(b"data: "):
+            payload = line[len(b"data: "):]
+            events.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
+    return events
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen3, tmp_path_factory):
+    srv = start_server(tiny_qwen3, tmp_path_factory.mktemp("logs"), "--dtype", "float32", "--context-length", "512")
+    yield srv
+    assert srv.stop() == 0
+
+
+# -- bad input -------------------------------------------------------------------
+
+
+def test_out_of_vocabulary_ids_are_400_on_every_route(server):
+    r = post(server, "/v1/completions", {"model": "default", "prompt": [5, -1], "max_tokens": 2})
+    assert r.status_code == 400
+    assert "token id -1 at position 1 is outside the vocabulary [0, 4096)" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    r = post(server, "/v1/completions", {"model": "default", "prompt": [[5, 6], [4096]], "max_tokens": 2})
+    assert r.status_code == 400 and "4096" in r.json()["error"]["message"]
+    ok = post(server, "/v1/completions", {"model": "default", "prompt": [5, 4095], "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_body_over_the_limit_is_413_and_never_read_whole(server):
+    # A declared length over 32 MiB is refused before its body is sent.
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 40000000\r\n\r\n{\"text\": \"")
+        reply = b""
+        while chunk := sock.recv(4096):  # the server closes after its answer
+            reply += chunk
+        reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert "--max-request-body-mb" in reply
+    # A chunked body (no Content-Length) is counted as it arrives.
+    chunks = (b"x" * (1 << 20) for _ in range(40))
+    r = requests.post(server.url + "/generate", data=chunks, timeout=60)
+    assert r.status_code == 413
+    assert post(server, "/generate", {"text": "fine", "sampling_params": greedy(2)}).status_code == 200
+
+
+def test_a_huge_prompt_does_not_stall_other_routes(server):
+    # ~8 MiB of text takes seconds to tokenize; /health must answer meanwhile.
+    text = "lorem ipsum dolor sit amet, " * 300_000
+    big = {}
+
+    def send_big():
+        big["r"] = post(server, "/generate", {"text": text, "sampling_params": greedy(1)}, timeout=120)
+
+    thread = threading.Thread(target=send_big)
+    thread.start()
+    worst = 0.0
+    while thread.is_alive():
+        start = time.monotonic()
+        assert requests.get(server.url + "/health", timeout=30).status_code == 200
+        worst = max(worst, time.monotonic() - start)
+        time.sleep(0.05)
+    thread.join()
+    assert big["r"].status_code == 400 and "context length" in big["r"].json()["error"]["message"]
+    assert worst < 1.0, f"/health took {worst:.2f} s while a prompt was tokenized"
+
+
+def test_tiny_temperature_and_top_p_are_greedy(server):
+    prompt = {"text": "the same start"}
+    reference = post(server, "/generate", {**prompt, "sampling_params": greedy(8)}).json()["output_ids"]
+    for params in ({"temperature": 1e-38}, {"top_p": 1e-46}):
+        out = post(server, "/generate", {**prompt, "sampling_params": {"max_new_tokens": 8, **params}}).json()
+        assert out["output_ids"] == reference, params
+
+
+def test_chat_without_max_tokens_gets_the_room_left(server, tiny_qwen3):
+    # 512-token context: a prompt with fewer than 128 tokens of room once got a 400.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3)
+    content = " ".join(f"w{i}" for i in range(600))
+    while True:
+        messages = [{"role": "user", "content": content}]
+        n = len(tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)))
+        if n <= 440:
+            break
+        content = content[: int(len(content) * 0.95)]
+    body = {"model": "default", "messages": messages, "temperature": 0, "ignore_eos": True}
+    r = post(server, "/v1/chat/completions", body, timeout=120)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert 512 - usage["prompt_tokens"] < 128
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 512
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_non_streamed_client_that_leaves_is_aborted(server):
+    # Its request gets an update every step, which once hid the disconnect.
+    with pytest.raises(requests.Timeout):
+        post(server, "/generate", {"text": "leaving", "sampling_params": long_params(500)}, timeout=1.5)
+
+    def idle():
+        state = requests.get(server.url + "/get_server_info", timeout=10).json()["internal_states"][0]
+        return state["running_requests"] == 0 and state["waiting_requests"] == 0
+
+    assert wait_until(idle, 5)
+
+
+def test_health_generate_answers_at_once_after_recent_work(server):
+    assert post(server, "/generate", {"text": "recent", "sampling_params": greedy(1)}).status_code == 200
+    start = time.monotonic()
+    assert requests.get(server.url + "/health_generate", timeout=30).status_code == 200
+    assert time.monotonic() - start < 2.0
+
+
+# -- overload --------------------------------------------------------------------
+
+
+def test_queue_bound_gives_503_with_retry_after(tiny_qwen3, tmp_path):
+    srv = start_server(tiny_qwen3, tmp_path, "--max-running-requests", "1", "--max-queued-requests", "2",
+                       "--health-check-timeout", "1")
+    try:
+        statuses = []
+        lock = threading.Lock()
+
+        def client(i, n=20):
+            r = post(srv, "/generate", {"text": f"client {i}", "sampling_params": long_params(n)}, timeout=300)
+            with lock:
+                statuses.append((r.status_code, r.headers.get("Retry-After"), r.json()))
+
+        blocker = threading.Thread(target=client, args=(-1, 300))
+        blocker.start()
+        time.sleep(0.5)
+        # No request has completed lately and the only slot is busy: the probe times out.
+        assert requests.get(srv.url + "/health_generate", timeout=30).status_code == 503
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in [blocker, *threads]:
+            t.join(300)
+        refused = [s for s in statuses if s[0] == 503]
+        served = [s for s in statuses if s[0] == 200]
+        assert len(refused) + len(served) == 9 and refused and served
+        assert all(retry == "1" and "queue is full" in body["error"]["message"] for _, retry, body in refused)
+        assert all(body["meta_info"]["completion_tokens"] in (20, 300) for _, _, body in served)
+        assert post(srv, "/generate", {"text": "after", "sampling_params": greedy(2)}).status_code == 200
+    finally:
+        assert srv.stop() == 0
+
+
+# -- faults and lifecycle -------------------------------------------------------
+
+
+def _socket_dirs() -> set[str]:
+    return set(glob.glob("/tmp/rxs-*"))
+
+
+def test_sigkill_of_the_main_process_leaves_no_child_or_socket(tiny_qwen3, tmp_path):
+    before = _socket_dirs()
+    srv = start_server(tiny_qwen3, tmp_path)
+    ours = _socket_dirs() - before
+    assert len(ours) == 1
+    children = srv.children()
+    assert children
+
+    def load():
+        try:
+            post(srv, "/generate", {"text": "busy", "sampling_params": long_params(), "stream": False}, timeout=30)
+        except requests.RequestException:
+            pass
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    srv.proc.kill()
+    srv.proc.wait(10)
+    assert wait_until(lambda: not any(alive(pid) for pid in children), 10), "a child outlived the server"
+    assert wait_until(lambda: not (ours & _socket_dirs()), 5), "the socket directory was left behind"
+    for t in threads:
+        t.join(30)
+
+
+def test_sigterm_under_load_ends_every_response_cleanly(tiny_qwen3, tmp_path):
+    srv = start_server(tiny_qwen3, tmp_path, "--shutdown-grace", "3", "--max-total-tokens", "32768")
+    children = srv.children()
+    outcomes: list = []
+    lock = threading.Lock()
+
+    def streamer(path, body):
+        try:
+            with requests.post(srv.url + path, json=body, stream=True, timeout=60) as r:
+                events = sse_events(r) if r.status_code == 200 else r.json()
+            with lock:
+                outcomes.append(("stream", r.status_code, events))
+        except requests.RequestException as err:  # a cut body would land here
+            with lock:
+                outcomes.append(("stream", "cut", repr(err)))
+
+    def plain(body):
+        try:
+            r = post(srv, "/generate", body)
+            with lock:
+                outcomes.append(("plain", r.status_code, r.json()))
+        except requests.RequestException as err:
+            with lock:
+                outcomes.append(("plain", "cut", repr(err)))
+
+    threads = []
+    for i in range(4):
+        threads.append(threading.Thread(target=streamer, args=(
+            "/generate", {"text": f"s{i}", "sampling_params": long_params(), "stream": True})))
+        threads.append(threading.Thread(target=streamer, args=(
+            "/v1/completions", {"model": "default", "prompt": f"o{i}", "max_tokens": 1900,
+                                "ignore_eos": True, "stream": True})))
+        threads.append(threading.Thread(target=plain, args=({"text": f"p{i}", "sampling_params": long_params()},)))
+    for t in threads:
+        t.start()
+
+    def all_running():
+        state = requests.get(srv.url + "/get_server_info", timeout=10).json()["internal_states"][0]
+        return state["running_requests"] + state["waiting_requests"] == 12  # all arrived
+
+    assert wait_until(all_running, 30)
+    # In flight when the signal comes, short enough to finish within the grace.
+    quick = threading.Thread(target=plain, args=({"text": "quick", "sampling_params": greedy(8)},))
+    quick.start()
+    time.sleep(0.2)
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    try:  # new work while draining: 503 (or, if already gone, no connection)
+        late = post(srv, "/generate", {"text": "late", "sampling_params": greedy(2)}, timeout=10)
+        assert late.status_code == 503 and late.headers.get("Retry-After")
+    except requests.ConnectionError:
+        pass
+    code = srv.proc.wait(30)
+    for t in [*threads, quick]:
+        t.join(30)
+    assert code == 0
+    assert len(outcomes) == 13
+    for kind, status, payload in outcomes:
+        assert status != "cut", payload
+        if status == 503:  # had not started when the grace ran out: refused, not cut
+            assert "shutting down" in payload["error"]["message"]
+        elif kind == "stream":
+            assert status == 200 and payload[-1] == "[DONE]"
+            last = payload[-2]
+            finished = "error" in last or (last.get("meta_info") or {}).get("finish_reason") or \
+                any(c.get("finish_reason") for c in last.get("choices", ()))
+            assert finished, last
+        else:
+            assert status == 200, payload
+    finished = [p for k, status, p in outcomes if k == "plain" and status == 200]
+    assert len(finished) == 1 and finished[0]["meta_info"]["completion_tokens"] == 8  # "quick", within the grace
+    assert "Traceback" not in srv.log()
+    assert wait_until(lambda: not any(alive(pid) for pid in children), 5)
+
+
+def test_hung_scheduler_turns_health_red_and_the_watchdog_exits(tiny_qwen3, tmp_path):
+    srv = start_server(tiny_qwen3, tmp_path, "--health-check-timeout", "2", "--watchdog-timeout", "4")
+    processes = requests.get(srv.url + "/get_server_info", timeout=10).json()["processes"]
+    scheduler = processes["scheduler"]
+    try:
+        os.kill(scheduler, signal.SIGSTOP)
+        # Idle and stopped: unhealthy, but nothing pending, so no watchdog exit.
+        assert wait_until(lambda: health(srv) == 503, 6)
+        time.sleep(3)
+        assert srv.proc.poll() is None
+        os.kill(scheduler, signal.SIGCONT)
+        assert wait_until(lambda: health(srv) == 200, 5)
+        # Stopped with a request pending: the watchdog ends the server.
+        os.kill(scheduler, signal.SIGSTOP)
+        start = time.monotonic()
+        r = post(srv, "/generate", {"text": "stuck", "sampling_params": greedy(4)}, timeout=30)
+        assert r.status_code == 500 and "watchdog" in r.json()["error"]["message"]
+        assert srv.proc.wait(20) != 0
+        assert time.monotonic() - start < 15
+    finally:
+        if alive(scheduler):
+            os.kill(scheduler, signal.SIGKILL)
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    assert wait_until(lambda: not any(alive(pid) for pid in processes.values()), 10)
+
+
+# -- start-up -------------------------------------------------------------------
+
+
+def _launch(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "runtime.launch_server", "--log-level", "info", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_port_in_use_is_found_before_the_model_loads(tiny_qwen3):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _launch("--model-path", str(tiny_qwen3), "--port", str(port))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr and "scheduler" not in result.stderr  # no process was started
+
+
+def test_missing_model_path_is_one_clear_line(tmp_path):
+    result = _launch("--model-path", str(tmp_path / "nope"), "--port", str(free_port()))
+    assert result.returncode == 1
+    assert "no such directory" in result.stderr and "Traceback" not in result.stderr
+    assert "Repo id" not in result.stderr
+
+
+def test_missing_tokenizer_files_refuse_to_start(tiny_qwen3, tmp_path):
+    model = tmp_path / "no-tokenizer"
+    model.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        os.symlink(tiny_qwen3 / name, model / name)
+    result = _launch("--model-path", str(model), "--port", str(free_port()))
+    assert result.returncode == 1
+    assert "no tokenizer in" in result.stderr and "--skip-tokenizer-init" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -81,8 +81,9 @@ class ChildProcesses:
             if proc.is_alive():
                 proc.terminate()
                 proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in self.processes.values():
+        for name, proc in self.processes.items():
             if proc.is_alive():
+                logger.warning("%s process did not stop within %.0f s; killing it", name, timeout)
                 proc.kill()
                 proc.join(1.0)
         shutil.rmtree(self.socket_dir, ignore_errors=True)

@@ -236,6 +236,30 @@ def test_sigkill_of_the_main_process_leaves_no_child_or_socket(tiny_qwen3, tmp_p
         t.join(30)
 
 
+def test_detokenizer_death_fails_requests_and_the_scheduler_exits_promptly(tiny_qwen3, tmp_path):
+    srv = start_server(tiny_qwen3, tmp_path, "--log-level", "info")
+    processes = requests.get(srv.url + "/get_server_info", timeout=10).json()["processes"]
+    results = []
+
+    def load():
+        r = post(srv, "/generate", {"text": "busy", "sampling_params": long_params()}, timeout=30)
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.kill(processes["detokenizer"], signal.SIGKILL)
+    assert srv.proc.wait(15) == 1
+    for t in threads:
+        t.join(30)
+    assert results == [500] * 4
+    # With the scheduler's output undeliverable, a non-zero ZMQ linger once
+    # held its exit for seconds, until the launcher killed it.
+    assert "did not stop" not in srv.log()
+    assert not alive(processes["scheduler"])
+
+
 def test_sigterm_under_load_ends_every_response_cleanly(tiny_qwen3, tmp_path):
     srv = start_server(tiny_qwen3, tmp_path, "--shutdown-grace", "3", "--max-total-tokens", "32768")
     children = srv.children()

@@ -109,6 +109,7 @@ class RadixCache(_HitStats):
         self.device = req_to_token_pool.device
         self._clock = itertools.count(1)  # LRU time: a counter never ties across calls
         self._node_ids = itertools.count()
+        self.evicted_tokens = 0  # total ever evicted (stats; reset() does not count)
         self._new_root()
 
     def _new_root(self) -> None:
@@ -308,6 +309,7 @@ class RadixCache(_HitStats):
                 heapq.heappush(heap, (parent.last_access_time, parent.node_id, parent))
         if freed:
             self.allocator.free(torch.cat(freed))
+        self.evicted_tokens += num_freed
         return num_freed
 
     def evictable_size(self) -> int:
@@ -358,6 +360,7 @@ class NoSharingCache(_HitStats):
         self.page_size = page_size
         self.device = req_to_token_pool.device
         self.root_node = TreeNode([], self._empty(), None, 0)
+        self.evicted_tokens = 0  # nothing is ever kept, so nothing is evicted
 
     def _empty(self) -> Tensor:
         return torch.empty(0, dtype=torch.int64, device=self.device)

@@ -41,6 +41,19 @@ def eos_token_ids_of(model_path: str, tokenizer: Any | None = None) -> frozenset
     return frozenset(ids)
 
 
+def _decode_position(req: Req) -> int:
+    """Position of a decoding request's new token. Every earlier position must
+    have KV already: the allocator continues a mid-page sequence from the slot
+    before this one, so a gap would hand it an unset (0) or stale slot."""
+    position = req.seq_len - 1
+    if req.kv_committed_len != position:
+        raise RuntimeError(
+            f"request {req.rid} decodes at position {position} but only its first "
+            f"{req.kv_committed_len} positions have KV"
+        )
+    return position
+
+
 @dataclass(eq=False)
 class Req:
     rid: str
@@ -52,7 +65,10 @@ class Req:
     req_pool_idx: int | None = None
     prefix_indices: torch.Tensor = EMPTY_SLOTS
     last_node: Any = None
-    fill_ids: list[int] = field(default_factory=list)  # tokens whose KV is (being) computed
+    # Tokens whose KV is (being) computed: while waiting, the whole sequence
+    # (prompt + output kept across a retraction); while admitted, possibly cut
+    # to the end of the current chunk.
+    fill_ids: list[int] = field(default_factory=list)
     extend_input_len: int = 0  # new tokens in this iteration's extend
     kv_committed_len: int = 0  # positions whose KV is in the pool
     is_chunked: bool = False  # mid chunked prefill
@@ -159,7 +175,7 @@ class ScheduleBatch:
             extend_lens.append(req.extend_input_len)
             input_ids.extend(req.fill_ids[req.kv_committed_len : req.kv_committed_len + req.extend_input_len])
         for req in decode_reqs:
-            prefix_lens.append(req.seq_len - 1)
+            prefix_lens.append(_decode_position(req))
             extend_lens.append(1)
             input_ids.append(req.last_token_id())
         if not self._allocate(reqs, prefix_lens, extend_lens):
@@ -174,7 +190,7 @@ class ScheduleBatch:
 
     def prepare_for_decode(self, input_ids: list[int] | torch.Tensor) -> bool:
         """One new token per request; `input_ids` may hold overlap placeholders."""
-        prefix_lens = [req.seq_len - 1 for req in self.reqs]
+        prefix_lens = [_decode_position(req) for req in self.reqs]
         if not self._allocate(self.reqs, prefix_lens, [1] * len(self.reqs)):
             return False
         self.forward_mode = ForwardMode.DECODE

@@ -313,19 +313,40 @@ class Scheduler:
                     slots_left -= 1
                 if result != AddResult.CONTINUE:
                     break
-        if not admitted:
+        batch = self._allocate_prefill(admitted, decodes, continuing)
+        if batch is None:
             return None
-        batch = self._new_batch(admitted)
-        needed = batch.new_tokens_needed(decodes)
-        if self.allocator.available_size() < needed:
-            self.tree_cache.evict(needed - self.allocator.available_size())
-        if not batch.prepare_for_extend(decodes):
-            self._unadmit([r for r in admitted if r is not continuing])
-            if continuing in admitted:
-                self.chunked_req = continuing
-            return None
+        for req in admitted:
+            if req is not continuing and req.retractions == 0:
+                # Counted once the batch has its KV: an undone admission is retried.
+                self.tree_cache.record_hit(req.cached_tokens, len(req.origin_input_ids))
         self.waiting = [r for r in self.waiting if r not in admitted]
         return batch
+
+    def _allocate_prefill(self, admitted: list[Req], decodes: list[Req],
+                          continuing: Req | None) -> ScheduleBatch | None:
+        """Allocate KV for the admitted requests (plus the riding decodes),
+        dropping the last admitted until it fits; `admitted` keeps the ones
+        that got in. None, and nothing admitted, when not even the first fits.
+
+        Admission's budget is an estimate: it counts cached prefixes as
+        evictable although admitting a request locks its prefix, and leaves out
+        page rounding and the decodes' new pages. Retrying a batch that does
+        not fit as a whole, unchanged, step after step, never made progress
+        when nothing was running to free KV."""
+        while admitted:
+            batch = self._new_batch(list(admitted))
+            needed = batch.new_tokens_needed(decodes)
+            if self.allocator.available_size() < needed:
+                self.tree_cache.evict(needed - self.allocator.available_size())
+            if batch.prepare_for_extend(decodes):
+                return batch
+            last = admitted.pop()
+            if last is continuing:
+                self.chunked_req = continuing  # keeps its KV; continues next time
+            else:
+                self._unadmit([last])
+        return None
 
     def _prefix_claim(self, req: Req, cached: int) -> tuple[int, ...] | None:
         """The first uncached tokens of `req`, if long enough to be worth
@@ -359,15 +380,24 @@ class Scheduler:
         req.kv_committed_len = n
         if req.retractions == 0:
             req.cached_tokens = n
-            self.tree_cache.record_hit(n, len(req.fill_ids))
 
     def _unadmit(self, reqs: list[Req]) -> None:
-        """Undo `_start` for requests whose batch could not get KV slots."""
+        """Undo admission (`_start` and the adder's chunk cut) for requests whose
+        batch could not get KV slots: they wait again as if never admitted.
+
+        fill_ids must be the whole sequence again: the adder cut it to the first
+        chunk, and a request readmitted with the cut list would take the chunk
+        for its whole prompt, sample from the wrong position and then decode
+        past positions that never got KV (their req_to_token entries are 0 or a
+        previous row owner's slots; the allocator then fails on, or silently
+        shares, the page it thinks the prompt ended in)."""
         for req in reqs:
             self._drop_prefix_claim(req)
             self.tree_cache.dec_lock_ref(req.last_node)
             self.req_to_token_pool.free(req.req_pool_idx)
             req.req_pool_idx, req.prefix_indices, req.last_node = None, EMPTY_SLOTS, None
+            req.kv_committed_len, req.extend_input_len, req.is_chunked = 0, 0, False
+            req.init_next_round_input()
 
     def _ensure_decode_room(self, decodes: list[Req]) -> list[Req]:
         """Evict cache leaves, then retract requests, until every decode has a slot."""

@@ -119,7 +119,7 @@ class Scheduler:
 
     def _queue_full(self) -> bool:
         limit = self.config.max_queued_requests
-        return limit is not None and sum(not r.hidden for r in self.waiting) >= limit
+        return limit is not None and sum(not (r.hidden or r.to_abort) for r in self.waiting) >= limit
 
     def _add(
         self,

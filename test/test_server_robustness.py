@@ -60,6 +60,23 @@ def sse_events(response) -> list:
     return events
 
 
+@pytest.fixture
+def spawn(tiny_qwen3, tmp_path):
+    """Start a server of the tiny model; whatever a failing test leaves running is killed."""
+    started = []
+
+    def start(*extra: str):
+        srv = start_server(tiny_qwen3, tmp_path, *extra)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        if srv.proc.poll() is None:
+            srv.proc.kill()  # its children follow within a second
+            srv.proc.wait(10)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_qwen3, tmp_path_factory):
     srv = start_server(tiny_qwen3, tmp_path_factory.mktemp("logs"), "--dtype", "float32", "--context-length", "512")
@@ -149,16 +166,20 @@ def test_chat_without_max_tokens_gets_the_room_left(server, tiny_qwen3):
     assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
-def test_a_non_streamed_client_that_leaves_is_aborted(server):
+def test_a_non_streamed_client_that_leaves_is_aborted(spawn):
     # Its request gets an update every step, which once hid the disconnect.
+    srv = spawn("--log-level", "info")
     with pytest.raises(requests.Timeout):
-        post(server, "/generate", {"text": "leaving", "sampling_params": long_params(500)}, timeout=1.5)
+        post(srv, "/generate", {"text": "leaving", "sampling_params": long_params()}, timeout=1.0)
 
     def idle():
-        state = requests.get(server.url + "/get_server_info", timeout=10).json()["internal_states"][0]
+        state = requests.get(srv.url + "/get_server_info", timeout=10).json()["internal_states"][0]
         return state["running_requests"] == 0 and state["waiting_requests"] == 0
 
     assert wait_until(idle, 5)
+    assert wait_until(lambda: "client disconnected; aborting" in srv.log(), 2)
+    assert "Traceback" not in srv.log()
+    assert srv.stop() == 0
 
 
 def test_health_generate_answers_at_once_after_recent_work(server):
@@ -171,8 +192,8 @@ def test_health_generate_answers_at_once_after_recent_work(server):
 # -- overload --------------------------------------------------------------------
 
 
-def test_queue_bound_gives_503_with_retry_after(tiny_qwen3, tmp_path):
-    srv = start_server(tiny_qwen3, tmp_path, "--max-running-requests", "1", "--max-queued-requests", "2",
+def test_queue_bound_gives_503_with_retry_after(spawn):
+    srv = spawn("--max-running-requests", "1", "--max-queued-requests", "2",
                        "--health-check-timeout", "1")
     try:
         statuses = []
@@ -183,9 +204,14 @@ def test_queue_bound_gives_503_with_retry_after(tiny_qwen3, tmp_path):
             with lock:
                 statuses.append((r.status_code, r.headers.get("Retry-After"), r.json()))
 
-        blocker = threading.Thread(target=client, args=(-1, 300))
+        blocker = threading.Thread(target=client, args=(-1, 1900))
         blocker.start()
-        time.sleep(0.5)
+
+        def blocker_running():
+            state = requests.get(srv.url + "/get_server_info", timeout=10).json()["internal_states"][0]
+            return state["running_requests"] == 1
+
+        assert wait_until(blocker_running, 10, interval=0.02)
         # No request has completed lately and the only slot is busy: the probe times out.
         assert requests.get(srv.url + "/health_generate", timeout=30).status_code == 503
         threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
@@ -197,7 +223,7 @@ def test_queue_bound_gives_503_with_retry_after(tiny_qwen3, tmp_path):
         served = [s for s in statuses if s[0] == 200]
         assert len(refused) + len(served) == 9 and refused and served
         assert all(retry == "1" and "queue is full" in body["error"]["message"] for _, retry, body in refused)
-        assert all(body["meta_info"]["completion_tokens"] in (20, 300) for _, _, body in served)
+        assert all(body["meta_info"]["completion_tokens"] in (20, 1900) for _, _, body in served)
         assert post(srv, "/generate", {"text": "after", "sampling_params": greedy(2)}).status_code == 200
     finally:
         assert srv.stop() == 0
@@ -210,9 +236,9 @@ def _socket_dirs() -> set[str]:
     return set(glob.glob("/tmp/rxs-*"))
 
 
-def test_sigkill_of_the_main_process_leaves_no_child_or_socket(tiny_qwen3, tmp_path):
+def test_sigkill_of_the_main_process_leaves_no_child_or_socket(spawn):
     before = _socket_dirs()
-    srv = start_server(tiny_qwen3, tmp_path)
+    srv = spawn()
     ours = _socket_dirs() - before
     assert len(ours) == 1
     children = srv.children()
@@ -236,8 +262,8 @@ def test_sigkill_of_the_main_process_leaves_no_child_or_socket(tiny_qwen3, tmp_p
         t.join(30)
 
 
-def test_detokenizer_death_fails_requests_and_the_scheduler_exits_promptly(tiny_qwen3, tmp_path):
-    srv = start_server(tiny_qwen3, tmp_path, "--log-level", "info")
+def test_detokenizer_death_fails_requests_and_the_scheduler_exits_promptly(spawn):
+    srv = spawn("--log-level", "info")
     processes = requests.get(srv.url + "/get_server_info", timeout=10).json()["processes"]
     results = []
 
@@ -260,8 +286,8 @@ def test_detokenizer_death_fails_requests_and_the_scheduler_exits_promptly(tiny_
     assert not alive(processes["scheduler"])
 
 
-def test_sigterm_under_load_ends_every_response_cleanly(tiny_qwen3, tmp_path):
-    srv = start_server(tiny_qwen3, tmp_path, "--shutdown-grace", "3", "--max-total-tokens", "32768")
+def test_sigterm_under_load_ends_every_response_cleanly(spawn):
+    srv = spawn("--shutdown-grace", "3", "--max-total-tokens", "32768")
     children = srv.children()
     outcomes: list = []
     lock = threading.Lock()
@@ -335,8 +361,8 @@ def test_sigterm_under_load_ends_every_response_cleanly(tiny_qwen3, tmp_path):
     assert wait_until(lambda: not any(alive(pid) for pid in children), 5)
 
 
-def test_hung_scheduler_turns_health_red_and_the_watchdog_exits(tiny_qwen3, tmp_path):
-    srv = start_server(tiny_qwen3, tmp_path, "--health-check-timeout", "2", "--watchdog-timeout", "4")
+def test_hung_scheduler_turns_health_red_and_the_watchdog_exits(spawn):
+    srv = spawn("--health-check-timeout", "2", "--watchdog-timeout", "4")
     processes = requests.get(srv.url + "/get_server_info", timeout=10).json()["processes"]
     scheduler = processes["scheduler"]
     try:

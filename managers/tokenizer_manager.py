@@ -10,7 +10,6 @@ It never imports torch or the model: it talks to them only through ZMQ.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -33,69 +32,22 @@ from managers.io_struct import (
     GetInternalStateReqOutput,
     TokenizedGenerateReq,
 )
+from managers.request_checks import (
+    MAX_TOP_LOGPROBS,
+    check_request_types,
+    check_unique_rids,
+    first_out_of_vocab,
+    parse_sampling_params,
+    request_rids,
+)
 from managers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
-MAX_TOP_LOGPROBS = 20
-# Stop strings are checked against every new token of the request: bound the
-# work one request can ask for (100,000 of them slowed others 16x).
-MAX_STOP_STRINGS = 64
-MAX_STOP_STRING_CHARS = 256
-MAX_STOP_TOKEN_IDS = 1024
 # Tokenization and chat templates run here, off the event loop, so a huge
 # prompt does not stall other routes (the fast tokenizer releases the GIL).
 TOKENIZER_THREADS = 4
 DISCONNECT_POLL_S = 0.5
-_INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "n", "seed"}
-_BOOL_FIELDS = {"ignore_eos", "skip_special_tokens"}
-
-
-def _check_type(name: str, value: Any) -> None:
-    """JSON gives us any type; name the field whose value has the wrong one."""
-    # max_new_tokens None: as many as the context has room for.
-    if value is None and name in ("seed", "stop", "stop_token_ids", "max_new_tokens"):
-        return
-    if name in _INT_FIELDS:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        expected = "an integer"
-    elif name in _BOOL_FIELDS:
-        ok, expected = isinstance(value, bool), "true or false"
-    elif name == "stop":
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        expected = "a string or a list of strings"
-    elif name == "stop_token_ids":
-        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        expected = "a list of integers"
-    else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        expected = "a number"
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_request_types(obj: GenerateReqInput) -> None:
-    """JSON bodies can hold anything: refuse wrong shapes with a message, not a 500."""
-    text, ids = obj.text, obj.input_ids
-    if text is not None and not (isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text))):
-        raise ValueError("text must be a string or a list of strings")
-    if ids is not None:
-        flat = isinstance(ids, list) and all(_is_int(i) for i in ids)
-        nested = isinstance(ids, list) and all(isinstance(p, list) and all(_is_int(i) for i in p) for p in ids)
-        if not (flat or nested):
-            raise ValueError("input_ids must be a list of integers or a list of such lists")
-    params = obj.sampling_params
-    if params is not None and not isinstance(params, (dict, list)):
-        raise ValueError("sampling_params must be an object or a list of objects")
-    if not isinstance(obj.stream, bool) or not isinstance(obj.return_logprob, bool):
-        raise ValueError("stream and return_logprob must be true or false")
-    if obj.rid is not None and not isinstance(obj.rid, (str, list)):
-        raise ValueError("rid must be a string or a list of strings")
 
 
 @dataclass
@@ -153,41 +105,6 @@ class ServerShuttingDownError(ServiceUnavailableError, ServerDeadError):
 
 class ClientDisconnected(Exception):
     """The HTTP client went away; its requests were aborted. Nobody to answer."""
-
-
-def request_rids(rid: str, n: int) -> list[str]:
-    """The ids a request's outputs travel under (n > 1 fans out in the scheduler)."""
-    return [rid] if n == 1 else [f"{rid}-{i}" for i in range(n)]
-
-
-def _check_unique_rids(reqs: list[TokenizedGenerateReq], in_use: Any) -> None:
-    seen: dict[str, str] = {}
-    for msg in reqs:
-        for rid in request_rids(msg.rid, msg.sampling_params.n):
-            if rid in in_use:
-                raise ValueError(f"request id {rid!r} is already in use")
-            if rid in seen:
-                clash = "" if seen[rid] == rid else f" (from rid {seen[rid]!r} with n > 1)"
-                raise ValueError(f"request id {rid!r} appears more than once in this request{clash}")
-            seen[rid] = msg.rid
-
-
-def _first_out_of_vocab(ids: list[int], vocab_size: int) -> tuple[int, int] | None:
-    """(position, id) of the first id outside [0, vocab_size), if any."""
-    if min(ids) >= 0 and max(ids) < vocab_size:
-        return None
-    return next((pos, i) for pos, i in enumerate(ids) if not 0 <= i < vocab_size)
-
-
-def _check_stop_bounds(raw: dict) -> None:
-    stop = raw.get("stop") or []
-    if len(stop) > MAX_STOP_STRINGS:
-        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stop)}")
-    longest = max(map(len, stop), default=0)
-    if longest > MAX_STOP_STRING_CHARS:
-        raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters, got one of {longest}")
-    if len(raw.get("stop_token_ids") or []) > MAX_STOP_TOKEN_IDS:
-        raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed")
 
 
 class _DisconnectWatch:
@@ -290,7 +207,7 @@ class TokenizerManager:
         reqs = await self.run_blocking(self._tokenize_and_validate, obj)
         if self.dead_reason is not None:  # died (or began shutting down) while we tokenized
             raise ServerDeadError(self.dead_reason)
-        _check_unique_rids(reqs, self.states)
+        check_unique_rids(reqs, self.states)
         queue: asyncio.Queue = asyncio.Queue()
         states: list[_ReqState] = []
         for prompt_index, msg in enumerate(reqs):
@@ -346,7 +263,7 @@ class TokenizerManager:
     def _tokenize_and_validate(self, obj: GenerateReqInput) -> list[TokenizedGenerateReq]:
         if (obj.text is None) == (obj.input_ids is None):
             raise ValueError("give exactly one of text or input_ids")
-        _check_request_types(obj)
+        check_request_types(obj)
         if obj.text is not None:
             texts = [obj.text] if isinstance(obj.text, str) else list(obj.text)
             if self.tokenizer is None:
@@ -371,7 +288,7 @@ class TokenizerManager:
             rids = [None] * len(prompts)
         out = []
         for prompt, p, rid in zip(prompts, params_list, rids):
-            sampling = self._sampling_params(p)
+            sampling = parse_sampling_params(p)
             if not prompt:
                 raise ValueError("the prompt is empty")
             if sampling.max_new_tokens is None:
@@ -391,31 +308,8 @@ class TokenizerManager:
             )
         return out
 
-    @staticmethod
-    def _sampling_params(raw: dict) -> SamplingParams:
-        if not isinstance(raw, dict):
-            raise ValueError("sampling_params must be an object")
-        unknown = set(raw) - SAMPLING_FIELDS
-        if unknown:
-            raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
-        raw = dict(raw)
-        if isinstance(raw.get("stop"), str):
-            raw["stop"] = [raw["stop"]]
-        for name, value in raw.items():
-            _check_type(name, value)
-        _check_stop_bounds(raw)
-        rest_of_context = "max_new_tokens" in raw and raw["max_new_tokens"] is None
-        if rest_of_context:
-            # Set per prompt by the caller; validate with the least it may become.
-            raw["max_new_tokens"] = raw.get("min_new_tokens", 0)
-        params = SamplingParams(**raw)
-        params.validate()
-        if rest_of_context:
-            params.max_new_tokens = None  # type: ignore[assignment]
-        return params
-
     def _check_ids(self, prompt: list[int]) -> None:
-        bad = _first_out_of_vocab(prompt, self.vocab_size)
+        bad = first_out_of_vocab(prompt, self.vocab_size)
         if bad is not None:
             pos, token = bad
             raise ValueError(

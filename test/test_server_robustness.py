@@ -134,7 +134,8 @@ def test_a_huge_prompt_does_not_stall_other_routes(server):
         time.sleep(0.05)
     thread.join()
     assert big["r"].status_code == 400 and "context length" in big["r"].json()["error"]["message"]
-    assert worst < 1.0, f"/health took {worst:.2f} s while a prompt was tokenized"
+    # Tokenized on the event loop, this prompt held every route for ~7 s.
+    assert worst < 3.0, f"/health took {worst:.2f} s while a prompt was tokenized"
 
 
 def test_tiny_temperature_and_top_p_are_greedy(server):
@@ -182,13 +183,6 @@ def test_a_non_streamed_client_that_leaves_is_aborted(spawn):
     assert srv.stop() == 0
 
 
-def test_health_generate_answers_at_once_after_recent_work(server):
-    assert post(server, "/generate", {"text": "recent", "sampling_params": greedy(1)}).status_code == 200
-    start = time.monotonic()
-    assert requests.get(server.url + "/health_generate", timeout=30).status_code == 200
-    assert time.monotonic() - start < 2.0
-
-
 # -- overload --------------------------------------------------------------------
 
 
@@ -225,6 +219,13 @@ def test_queue_bound_gives_503_with_retry_after(spawn):
         assert all(retry == "1" and "queue is full" in body["error"]["message"] for _, retry, body in refused)
         assert all(body["meta_info"]["completion_tokens"] in (20, 1900) for _, _, body in served)
         assert post(srv, "/generate", {"text": "after", "sampling_params": greedy(2)}).status_code == 200
+        # The only slot busy again, but a request completed just now: healthy
+        # at once (a probe would queue behind the blocker and time out).
+        blocker = threading.Thread(target=client, args=(-2, 1900))
+        blocker.start()
+        assert wait_until(blocker_running, 10, interval=0.02)
+        assert requests.get(srv.url + "/health_generate", timeout=30).status_code == 200
+        blocker.join(300)
     finally:
         assert srv.stop() == 0
 

@@ -30,6 +30,7 @@ import torch
 from managers.iteration_timings import IterationTimings
 from managers.scheduler_config import SchedulerConfig
 from managers.io_struct import AbortReq, BatchTokenIDOut, FinishReason, TokenizedGenerateReq
+from managers.request_checks import first_out_of_vocab
 from managers.schedule_batch import EMPTY_SLOTS, Req, ScheduleBatch
 from managers.sampling_params import SamplingParams
 from managers.schedule_policy import AddResult, PrefillAdder, SchedulePolicy
@@ -139,10 +140,10 @@ class Scheduler:
         reason, status = None, 400
         if not req.origin_input_ids:
             reason = "the prompt is empty"
-        elif (bad := _first_out_of_vocab(req.origin_input_ids, self.vocab_size)) is not None:
+        elif (bad := first_out_of_vocab(req.origin_input_ids, self.vocab_size)) is not None:
             # The tokenizer manager refuses these first; an out-of-range id
             # reaching the embedding would kill the process (or the GPU).
-            reason = f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+            reason = f"token id {bad[1]} is outside the vocabulary [0, {self.vocab_size})"
         elif queue_full:
             reason = f"the queue is full ({self.config.max_queued_requests} requests waiting); retry later"
             status = 503
@@ -548,10 +549,3 @@ class Scheduler:
         out.cached_tokens.append(req.cached_tokens)
         out.skip_special_tokens.append(req.sampling_params.skip_special_tokens)
         out.stop_strings.append(list(req.sampling_params.stop or ()))
-
-
-def _first_out_of_vocab(ids: list[int], vocab_size: int) -> int | None:
-    if min(ids) >= 0 and max(ids) < vocab_size:
-        return None
-    return next(i for i in ids if not 0 <= i < vocab_size)
-

@@ -33,7 +33,7 @@ from runtime.asgi_guards import ApiKeyMiddleware, BodySizeLimitMiddleware, Drain
 from runtime.graceful_shutdown import DrainingServer, DrainState
 from runtime.launch import ChildProcesses, launch_children
 from runtime.metrics import ServerMetrics
-from runtime.openai_api import register_openai_routes
+from runtime.openai_api import openai_error_body, register_openai_routes
 from runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, the access log doe
 def error(message: str, status: int = 400, err_type: str = "invalid_request_error",
           headers: dict[str, str] | None = None) -> ORJSONResponse:
     """OpenAI's error shape, used by every route."""
-    body = {"error": {"message": message, "type": err_type, "param": None, "code": status}}
-    return ORJSONResponse(body, status, headers=headers)
+    return ORJSONResponse(openai_error_body(message, err_type, code=status), status, headers=headers)
 
 
 def unavailable(message: str, retry_after_s: int = 1) -> ORJSONResponse:

@@ -15,6 +15,7 @@ SERVE_ARGS ?=
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
+	$(PY) -m layers.cpu_kernels
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -109,11 +109,15 @@ def overlap_default(args: argparse.Namespace) -> bool:
 def engine_args(args: argparse.Namespace, model_path: str, toggle: str | None) -> dict:
     radix = not args.disable_radix_cache
     overlap = overlap_default(args)
+    attention = args.attention_backend
     if toggle == "radix-cache":
         radix = not radix
     elif toggle == "overlap":
         overlap = not overlap
+    elif toggle == "attention":
+        attention = "torch_native"
     return dict(
+        attention_backend=attention,
         model_path=model_path,
         dtype=args.dtype,
         device="cpu" if not torch.cuda.is_available() else "cuda",
@@ -131,7 +135,10 @@ def engine_args(args: argparse.Namespace, model_path: str, toggle: str | None) -
 def label(args: argparse.Namespace, toggle: str | None) -> str:
     radix = not args.disable_radix_cache ^ (toggle == "radix-cache")
     overlap = overlap_default(args) ^ (toggle == "overlap")
-    return f"radix={'on' if radix else 'off'},overlap={'on' if overlap else 'off'}"
+    name = f"radix={'on' if radix else 'off'},overlap={'on' if overlap else 'off'}"
+    if args.compare == "attention" or args.attention_backend:
+        name += f",attn={'torch_native' if toggle == 'attention' else args.attention_backend or 'default'}"
+    return name
 
 
 def _vocab_size(model_path: str) -> int:
@@ -162,8 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument("--disable-overlap", action="store_true")
     p.add_argument("--enable-cpu-overlap", action="store_true", help="overlap scheduling on CPU (off by default)")
-    p.add_argument("--compare", choices=["radix-cache", "overlap"], default=None,
-                   help="also run with this feature toggled, alternating, and print the ratio")
+    p.add_argument("--attention-backend", default=None, help="default: the server's (cpu on a CPU)")
+    p.add_argument("--compare", choices=["radix-cache", "overlap", "attention"], default=None,
+                   help="also run with this feature toggled (attention: torch_native), alternating, and print the ratio")
     p.add_argument("--compare-hf", action="store_true",
                    help="also run transformers generate on the same prompts, alternating, and print the ratio")
     p.add_argument("--hf-batch-size", type=int, default=16)

@@ -119,6 +119,15 @@ def paired_ratio(ours: list[RoundResult], other: list[RoundResult]) -> float:
     return round(statistics.median(ratios), 3)
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.attention_backend is None:
+        from runtime.server_args import default_attention_backend
+
+        args.attention_backend = default_attention_backend(args.device, args.dtype)
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", default=None, help="checkpoint dir; default: the small demo model")
@@ -129,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--attention-backend", default="torch_native")
+    parser.add_argument("--attention-backend", default=None,
+                        help="default: the server's (cpu on a CPU, flashinfer or triton on CUDA)")
     parser.add_argument("--page-size", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up)")
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers, in lock step")
@@ -192,7 +202,7 @@ def make_runner(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     model_path = args.model_path
     if model_path is None:
         from runtime.demo_model import demo_model_path

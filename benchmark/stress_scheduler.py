@@ -21,6 +21,7 @@ Any failure prints the round's seed and configuration and exits non-zero.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import random
 import sys
@@ -53,11 +54,13 @@ class StressConfig:
     max_total_tokens: int
     max_running: int
     policy: str
+    # Not drawn: a seed gives the same workload whichever kernels run it.
+    attention_backend: str = "torch_native"
 
     def describe(self) -> str:
         return (f"page_size={self.page_size} chunk={self.chunk} overlap={self.overlap} "
                 f"max_total_tokens={self.max_total_tokens} max_running={self.max_running} "
-                f"policy={self.policy}")
+                f"policy={self.policy} attention={self.attention_backend}")
 
 
 @dataclass(frozen=True)
@@ -123,9 +126,10 @@ def _sampling_params(rng: random.Random, max_new: int, n: int) -> SamplingParams
 
 
 def random_workload(seed: int, vocab_size: int, context_len: int, page_size: int | None = None,
-                    num_requests: int = 60, max_new_tokens: int = 48) -> Workload:
+                    num_requests: int = 60, max_new_tokens: int = 48,
+                    attention_backend: str = "torch_native") -> Workload:
     rng = random.Random(seed)
-    config = random_config(rng, page_size)
+    config = dataclasses.replace(random_config(rng, page_size), attention_backend=attention_backend)
     limit = min(config.max_total_tokens, context_len)
     groups = [_tokens(rng, _prefix_length(rng, config.page_size), vocab_size)
               for _ in range(rng.randint(2, 4))]
@@ -167,6 +171,7 @@ def build_scheduler(model_path: pathlib.Path | str, config: StressConfig) -> Sch
         page_size=config.page_size,
         max_total_tokens=config.max_total_tokens,
         max_running_requests=config.max_running,
+        attention_backend=config.attention_backend,
     )
     sched_config = SchedulerConfig(
         chunked_prefill_size=config.chunk,
@@ -417,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-size", type=int, choices=[1, 16], default=None,
                         help="fix the page size (default: drawn per round)")
     parser.add_argument("--requests", type=int, default=60, help="requests per round")
+    parser.add_argument("--attention-backend", default="torch_native", choices=["torch_native", "cpu"],
+                        help="kernels of the scheduler under test (the reference always runs torch_native)")
     parser.add_argument("--reference-fraction", type=float, default=1.0,
                         help="share of greedy requests compared with a run alone")
     parser.add_argument("--threads", type=int, default=1,
@@ -436,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     round_index = 0
     while time.monotonic() < deadline:
         seed = args.seed + round_index
-        workload = random_workload(seed, vocab, context_len, args.page_size, args.requests)
+        workload = random_workload(seed, vocab, context_len, args.page_size, args.requests,
+                                   attention_backend=args.attention_backend)
         started = time.monotonic()
         try:
             result = check_round(model_path, workload, reference, args.reference_fraction)
@@ -445,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAILED: round {round_index} seed {seed} ({workload.config.describe()})\n"
                   f"reproduce: python -m benchmark.stress_scheduler --minutes 0.01 --seed {seed}"
                   + (f" --page-size {args.page_size}" if args.page_size else "")
-                  + f" --requests {args.requests}", flush=True)
+                  + f" --requests {args.requests} --attention-backend {args.attention_backend}", flush=True)
             return 1
         totals["rounds"] += 1
         totals["requests"] += len(result.expected)

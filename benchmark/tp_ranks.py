@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmark.bench_one_batch import RoundResult, build_parser, make_runner, random_prompts, run_ours
+from benchmark.bench_one_batch import RoundResult, parse_args, make_runner, random_prompts, run_ours
 from model_executor.distributed import DistInitConfig, TPGroup, init_tp_group
 from runtime.launch import free_port
 
@@ -54,7 +54,7 @@ class TPRound:
 
 
 def _rank_main(rank: int, tp_size: int, init_addr: str, argv: list[str], model_path: str, commands, results) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // tp_size))
     group = init_tp_group(DistInitConfig(tp_size, rank, init_addr, args.device))
     times = CollectiveTimes()

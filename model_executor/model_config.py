@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-ATTENTION_BACKENDS = ("torch_native", "triton", "flashinfer")
+ATTENTION_BACKENDS = ("cpu", "torch_native", "triton", "flashinfer")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from mem_cache.allocator import TokenToKVPoolAllocator
 from mem_cache.memory_pool import KVPool, ReqToTokenPool
 from model_executor.distributed import TPGroup
 from model_executor.forward_batch import ForwardBatch
-from model_executor.model_config import ModelConfig, ModelRunnerConfig
+from model_executor.model_config import ATTENTION_BACKENDS, ModelConfig, ModelRunnerConfig
 from model_executor.model_loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,10 @@ def create_attention_backend(name: str, device: torch.device, dtype: torch.dtype
         from layers.attention.torch_native import TorchNativeAttnBackend
 
         return TorchNativeAttnBackend()
+    if name == "cpu":
+        from layers.attention.cpu_backend import CpuAttnBackend
+
+        return CpuAttnBackend(device)
     if name == "triton":
         from layers.attention.triton_backend import TritonAttnBackend
 
@@ -41,7 +45,7 @@ def create_attention_backend(name: str, device: torch.device, dtype: torch.dtype
         from layers.attention.flashinfer_backend import FlashInferAttnBackend
 
         return FlashInferAttnBackend(device, dtype)
-    raise ValueError(f"unknown attention backend {name!r}; available: torch_native, triton, flashinfer")
+    raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
 
 
 def available_memory_bytes(device: torch.device) -> int:

@@ -85,9 +85,9 @@ class ServerArgs:
     cuda_graph_max_bs: int = _arg(64, "Largest decode batch size captured in a CUDA graph.")
     attention_backend: str | None = _arg(
         None,
-        "Attention kernels; default: torch_native on cpu, flashinfer on cuda "
-        "if installed, else triton.",
-        ("torch_native", "triton", "flashinfer"),
+        "Attention kernels; default: cpu (native kernels, torch_native if they "
+        "cannot be built) on cpu, flashinfer on cuda if installed, else triton.",
+        ("cpu", "torch_native", "triton", "flashinfer"),
     )
 
     # Parallelism.
@@ -149,7 +149,7 @@ class ServerArgs:
                     f"{_flag(f.name)} must be one of {', '.join(choices)}; got {value!r}"
                 )
         if self.attention_backend is None:
-            self.attention_backend = _default_attention_backend(self.device, self.dtype)
+            self.attention_backend = default_attention_backend(self.device, self.dtype)
         self._validate()
 
     def _validate(self) -> None:
@@ -213,6 +213,8 @@ class ServerArgs:
             raise ValueError(
                 f"--attention-backend flashinfer requires --device cuda, got {self.device}"
             )
+        if self.attention_backend == "cpu" and self.device != "cpu":
+            raise ValueError(f"--attention-backend cpu requires --device cpu, got {self.device}")
 
     @property
     def ranks_per_node(self) -> int:
@@ -311,9 +313,9 @@ def _detect_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _default_attention_backend(device: str, dtype: str) -> str:
+def default_attention_backend(device: str, dtype: str) -> str:
     if device == "cpu":
-        return "torch_native"
+        return "cpu"
     # FlashInfer's kernels are fp16/bf16 only; an explicit fp32 model gets triton.
     if dtype != "float32" and importlib.util.find_spec("flashinfer") is not None:
         return "flashinfer"

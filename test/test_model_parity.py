@@ -15,7 +15,8 @@ FP32_ATOL = 1e-4
 # bf16 tolerance, stated: our bf16 logits are within 2% of the largest logit
 # of transformers' bf16 logits (logits here reach ~20, bf16 rounds 8-bit
 # mantissas, so the two implementations' different GEMM fusion drifts by
-# ~0.2), and our distance to the fp32 truth is at most 1.5x transformers' own.
+# ~0.2), our distance to the fp32 truth is at most 1.5x transformers' own,
+# and our top-1 misses against the fp32 truth at most one more position.
 BF16_REL_TOL = 0.02
 BF16_ERROR_RATIO = 1.5
 
@@ -40,11 +41,16 @@ def _teacher_forced_logits(runner, prompts, continuations, all_logits_for_prompt
     return per_seq, torch.stack(decode_logits)
 
 
+# cpu: the native paged kernel (layers/cpu_kernels), or its torch fallback where it cannot be built.
+BACKENDS = ["torch_native", "cpu"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_logits_match_transformers(parity_model, dtype):
+def test_logits_match_transformers(parity_model, dtype, backend):
     torch_dtype = getattr(torch, dtype)
     reference = hf_model(parity_model, torch_dtype)
-    runner = make_runner(parity_model, dtype=dtype)
+    runner = make_runner(parity_model, dtype=dtype, attention_backend=backend)
     prompts = make_prompts(PROMPT_LENGTHS, runner.model_config.vocab_size)
     continuations = make_prompts([DECODE_STEPS] * len(prompts), runner.model_config.vocab_size, seed=1)
 
@@ -66,13 +72,18 @@ def test_logits_match_transformers(parity_model, dtype):
             our_error = (ours - exact).abs().max().item()
             their_error = (ref - exact).abs().max().item()
             assert our_error <= BF16_ERROR_RATIO * their_error, (our_error, their_error)
-            agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-            assert agree >= 0.95, f"prompt {i}: top-1 agrees on only {agree:.0%} of positions"
+            # Top-1 against the fp32 truth, not against transformers' bf16: a
+            # kernel that rounds differently (the native one keeps softmax
+            # weights in fp32) flips different near-ties, not more of them.
+            our_misses = int((ours.argmax(-1) != exact.argmax(-1)).sum())
+            their_misses = int((ref.argmax(-1) != exact.argmax(-1)).sum())
+            assert our_misses <= their_misses + 1, f"prompt {i}: top-1 {our_misses} misses vs {their_misses}"
 
 
-def test_greedy_tokens_match_transformers_generate(parity_model):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_tokens_match_transformers_generate(parity_model, backend):
     reference = hf_model(parity_model, torch.float32)
-    runner = make_runner(parity_model, dtype="float32")
+    runner = make_runner(parity_model, dtype="float32", attention_backend=backend)
     prompts = make_prompts(PROMPT_LENGTHS, runner.model_config.vocab_size, seed=2)
     ours = our_greedy(runner, prompts, GREEDY_TOKENS)
     for prompt, generated in zip(prompts, ours):

@@ -89,12 +89,19 @@ def reference(tiny_qwen3):
 STRESS_ROUNDS = [(5, 16), (15, 16), (20, 1), (25, 1), (14, 16)]
 
 
-@pytest.mark.parametrize("seed,page_size", STRESS_ROUNDS, ids=[f"seed{s}-page{p}" for s, p in STRESS_ROUNDS])
-def test_random_workload_keeps_every_invariant(tiny_qwen3, reference, seed, page_size):
+# The same rounds through the native CPU attention kernel (paged, ragged
+# batches), checked against the torch-native reference run alone.
+ROUNDS = [(s, p, "torch_native") for s, p in STRESS_ROUNDS] + [(5, 16, "cpu"), (20, 1, "cpu")]
+
+
+@pytest.mark.parametrize("seed,page_size,backend", ROUNDS, ids=[f"seed{s}-page{p}-{b}" for s, p, b in ROUNDS])
+def test_random_workload_keeps_every_invariant(tiny_qwen3, reference, seed, page_size, backend):
     """KV ownership checked after every step; afterwards nothing leaks, every
     request finished once with max_new_tokens tokens unless aborted, and half
     of the greedy outputs equal the same request's run alone."""
-    workload = random_workload(seed, reference.sched.vocab_size, reference.sched.context_len, page_size)
+    workload = random_workload(
+        seed, reference.sched.vocab_size, reference.sched.context_len, page_size, attention_backend=backend
+    )
     sched = build_scheduler(tiny_qwen3, workload.config)
     result = run_round(sched, workload, max_steps=3000)  # raises on broken KV ownership
     assert_no_leak(sched)

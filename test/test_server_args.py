@@ -141,14 +141,19 @@ def test_derived_defaults() -> None:
     assert args.tokenizer_path == "/models/tiny"
     assert args.served_model_name == "/models/tiny"
     assert args.device == "cpu"
-    assert args.attention_backend == "torch_native"
+    assert args.attention_backend == "cpu"  # the native kernels, or torch_native inside it
+
+
+def test_cpu_attention_backend_needs_a_cpu() -> None:
+    with pytest.raises(ValueError, match="--attention-backend cpu requires --device cpu"):
+        ServerArgs(model_path="/m", device="cuda", attention_backend="cpu")
 
 
 def test_device_detected_when_unset() -> None:
     args = ServerArgs(model_path="/m")
     assert args.device in ("cpu", "cuda")
     if args.device == "cpu":
-        assert args.attention_backend == "torch_native"
+        assert args.attention_backend == "cpu"
     else:
         assert args.attention_backend in ("flashinfer", "triton")
 
@@ -298,4 +303,4 @@ def test_default_backend_on_cuda_follows_dtype_and_flashinfer(monkeypatch):
         bf16 = ServerArgs(model_path="m", device="cuda", dtype="bfloat16").attention_backend
         fp32 = ServerArgs(model_path="m", device="cuda", dtype="float32").attention_backend
         assert (bf16, fp32) == (("flashinfer", "triton") if installed else ("triton", "triton"))
-    assert ServerArgs(model_path="m", device="cpu").attention_backend == "torch_native"
+    assert ServerArgs(model_path="m", device="cpu").attention_backend == "cpu"

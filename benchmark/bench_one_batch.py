@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 # name -> (ModelRunnerConfig overrides, torch-native staging budget or None for the default)
 ABLATIONS = {
     "prepack": ({"cpu_weight_prepack": False}, None),
+    "small-batch-gemv": ({"cpu_small_batch_gemv": False}, None),
     "staging": ({}, 0),
     "cuda-graph": ({"disable_cuda_graph": True}, None),
 }

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.cpu_gemm import packed_linear, prepack_weight
+from layers.cpu_gemm import CpuLinearWeight, pack_cpu_linear
 from layers.linear import Loaded, TPContext
 
 
@@ -51,15 +51,15 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPContext) -> None:
         super().__init__(vocab_size, hidden_size, tp)
-        self.packed_weight: torch.Tensor | None = None
+        self.packed_weight: CpuLinearWeight | None = None
 
-    def prepack(self, batch_size_hint: int) -> None:
-        # A packed copy; the plain weight stays (it may be the tied embedding).
-        self.packed_weight = prepack_weight(self.weight, batch_size_hint)
+    def prepack(self, batch_size_hint: int, small_batch_gemv: bool = True) -> None:
+        # Packed copies; the plain weight stays (it may be the tied embedding).
+        self.packed_weight = pack_cpu_linear(self.weight, batch_size_hint, small_batch_gemv)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:
-            logits = self.tp.gather(packed_linear(hidden, self.packed_weight, None))
+            logits = self.tp.gather(self.packed_weight(hidden, None))
         else:
             logits = self.tp.gather(F.linear(hidden, self.weight))
         return logits[..., : self.vocab_size]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layers.checkpoint_tensor import LazyCheckpointTensor, as_tensor
-from layers.cpu_gemm import packed_linear, prepack_weight
+from layers.cpu_gemm import CpuLinearWeight, pack_cpu_linear
 
 # A checkpoint tensor as the weight loaders receive it: read or still on disk.
 Loaded = torch.Tensor | LazyCheckpointTensor
@@ -80,17 +80,17 @@ class LinearBase(nn.Module):
         self.bias = (
             nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         )
-        self.packed_weight: torch.Tensor | None = None
+        self.packed_weight: CpuLinearWeight | None = None
 
-    def prepack(self, batch_size_hint: int) -> None:
-        """Switch to a oneDNN-packed copy of the weight (CPU bf16; see
+    def prepack(self, batch_size_hint: int, small_batch_gemv: bool = True) -> None:
+        """Switch to packed copies of the weight (CPU bf16; see
         layers/cpu_gemm.py). Call after loading: the plain weight is dropped."""
-        self.packed_weight = prepack_weight(self.weight, batch_size_hint)
+        self.packed_weight = pack_cpu_linear(self.weight, batch_size_hint, small_batch_gemv)
         self.weight.data = torch.empty(0, dtype=self.weight.dtype)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed_weight is not None:
-            return packed_linear(x, self.packed_weight, bias)
+            return self.packed_weight(x, bias)
         return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

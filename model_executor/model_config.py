@@ -35,6 +35,9 @@ class ModelRunnerConfig:
     random_seed: int = 0
     # CPU bf16 only: pack linear weights into oneDNN's layout (layers/cpu_gemm.py).
     cpu_weight_prepack: bool = True
+    # With prepack and the native kernels: a second weight copy for 1-2 row
+    # decodes through the streaming kernel (layers/cpu_gemm.py).
+    cpu_small_batch_gemv: bool = True
 
 
 @dataclass

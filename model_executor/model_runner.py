@@ -78,7 +78,10 @@ class ModelRunner:
         if config.cpu_weight_prepack and prepack_supported(self.device, self.dtype):
             for module in self.model.modules():
                 if hasattr(module, "prepack"):
-                    module.prepack(batch_size_hint=min(config.max_running_requests, 16))
+                    module.prepack(
+                        batch_size_hint=min(config.max_running_requests, 16),
+                        small_batch_gemv=config.cpu_small_batch_gemv,
+                    )
         self.sampler = Sampler()
 
         self.num_kv_heads = max(1, self.model_config.num_kv_heads // self.tp.size)

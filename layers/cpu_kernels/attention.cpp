@@ -427,8 +427,3 @@ void paged_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
     run(float());
   }
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention,
-        "Causal attention of ragged new tokens over the paged KV cache (CPU)");
-}

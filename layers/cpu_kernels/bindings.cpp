@@ -1,0 +1,21 @@
+// The Python module: one binding per kernel; each kernel lives in its own file.
+
+#include <torch/extension.h>
+
+void paged_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                     const torch::Tensor& req_to_token, const torch::Tensor& req_pool_indices,
+                     const torch::Tensor& prefix_lens, const torch::Tensor& extend_lens, double scale,
+                     torch::Tensor& out);
+bool bf16_gemm_supported();
+torch::Tensor pack_bf16_weight(const torch::Tensor& weight);
+torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                          const c10::optional<torch::Tensor>& bias, int64_t out_features);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention,
+        "Causal attention of ragged new tokens over the paged KV cache (CPU)");
+  m.def("bf16_gemm_supported", &bf16_gemm_supported, "whether bf16_linear was built (AVX512-BF16)");
+  m.def("pack_bf16_weight", &pack_bf16_weight, "[N, K] bf16 -> the layout bf16_linear reads");
+  m.def("bf16_linear", &bf16_linear, "x [M, K] bf16 times a packed weight (+ bias) -> [M, N] bf16",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("out_features"));
+}

@@ -1,0 +1,105 @@
+"""The native streaming bf16 linear against an fp32 reference, and the CPU
+linear's choice between it and oneDNN by row count."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from layers.cpu_gemm import SMALL_BATCH_ROWS, pack_cpu_linear, prepack_supported
+from layers.cpu_kernels import native_ops
+from model_helpers import make_runner
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None or os.environ.get("RADIXSERVE_NO_NATIVE_KERNELS", "") not in ("", "0"),
+    reason="no C++ compiler, or native kernels disabled",
+)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    built = native_ops()
+    assert built is not None, "the native CPU kernels failed to build (see the warning above)"
+    if not built.bf16_gemm_supported():
+        pytest.skip("this CPU has no AVX-512: the streaming linear is not built")
+    return built
+
+
+def reference(x, weight, bias):
+    out = x.float() @ weight.float().T
+    return out if bias is None else out + bias.float()
+
+
+# Outputs not a multiple of 16 (masked tail block), a panel of fewer than 4
+# blocks, odd K; rows past one register tile (6) and K past one chunk (256).
+@pytest.mark.parametrize("out_features,in_features", [(1, 3), (33, 70), (48, 64), (200, 300), (96, 601)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_streaming_linear_matches_fp32_reference(ops, out_features, in_features, rows, with_bias):
+    gen = torch.Generator().manual_seed(out_features * 1000 + rows)
+    weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    bias = torch.randn(out_features, generator=gen).bfloat16() if with_bias else None
+    x = torch.randn(rows, in_features, generator=gen).bfloat16()
+    out = ops.bf16_linear(x, ops.pack_bf16_weight(weight), bias, out_features)
+    expected = reference(x, weight, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
+    # fp32 accumulation in another order, then one rounding to bf16.
+    torch.testing.assert_close(out.float(), expected, rtol=8e-3, atol=8e-3 * expected.abs().max().item())
+
+
+def test_streaming_linear_refuses_a_mismatched_input(ops):
+    packed = ops.pack_bf16_weight(torch.randn(32, 64).bfloat16())
+    with pytest.raises(RuntimeError, match="does not fit the packed weight"):
+        ops.bf16_linear(torch.randn(1, 63).bfloat16(), packed, None, 32)
+    with pytest.raises(RuntimeError, match="must be"):
+        ops.bf16_linear(torch.randn(1, 64), packed, None, 32)
+
+
+@pytest.mark.skipif(not prepack_supported(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16")
+def test_cpu_linear_uses_the_streaming_kernel_for_few_rows_only(ops, monkeypatch):
+    import layers.cpu_gemm as cpu_gemm
+
+    weight = torch.randn(80, 96).bfloat16()
+    packed = pack_cpu_linear(weight, batch_size_hint=16, small_batch_gemv=True)
+    assert packed.streaming is not None
+    streamed_rows = []
+
+    class Spy:  # the real kernels, with the streaming linear's calls recorded
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def bf16_linear(self, x, *args):
+            streamed_rows.append(x.shape[0])
+            return ops.bf16_linear(x, *args)
+
+    monkeypatch.setattr(cpu_gemm, "native_ops", lambda: Spy())
+    for rows in (1, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 16):
+        x = torch.randn(rows, 96).bfloat16()
+        torch.testing.assert_close(packed(x, None).float(), reference(x, weight, None), rtol=1e-2, atol=5e-2)
+    assert streamed_rows == [1, SMALL_BATCH_ROWS]
+    assert pack_cpu_linear(weight, 16, small_batch_gemv=False).streaming is None
+
+
+@pytest.mark.skipif(not prepack_supported(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16")
+def test_decode_logits_agree_with_and_without_the_streaming_kernel(ops, tiny_qwen3):
+    """A bf16 model decoding one and two sequences: the streaming path's
+    logits stay within bf16 noise of oneDNN's."""
+    from model_executor.batch_runner import BatchRunner
+
+    logits = []
+    for gemv in (True, False):
+        runner = make_runner(tiny_qwen3, dtype="bfloat16", attention_backend="cpu", cpu_small_batch_gemv=gemv)
+        batch = BatchRunner(runner)
+        seqs = [batch.add_sequence() for _ in range(2)]
+        batch.extend(seqs, [[5, 9, 11, 40], [7, 3]])
+        steps = [batch.extend(seqs, [[17], [23]])[0].next_token_logits.float()]
+        steps.append(batch.extend(seqs[:1], [[29]])[0].next_token_logits.float())
+        batch.release_all()
+        logits.append(steps)
+    for ours, theirs in zip(*logits):
+        scale = theirs.abs().max().item()
+        assert (ours - theirs).abs().max().item() <= 0.03 * scale
+        assert torch.equal(ours.argmax(-1), theirs.argmax(-1))

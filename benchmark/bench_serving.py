@@ -188,11 +188,28 @@ def openai_update(out: RequestOutput, event: dict) -> bool:
     return bool(delta)
 
 
+def llamacpp_payload(req: RequestInput, args: argparse.Namespace) -> dict:
+    # llama-server's own endpoint: its OpenAI routes run every reply through a
+    # chat-format parser that rejects some random-token text.
+    return {"prompt": req.prompt, "n_predict": req.output_len, "temperature": 0.0, "stream": True,
+            "ignore_eos": not args.disable_ignore_eos}
+
+
+def llamacpp_update(out: RequestOutput, event: dict) -> bool:
+    if event.get("stop"):
+        out.reported_output_tokens = event.get("tokens_predicted", out.reported_output_tokens)
+        out.reported_prompt_tokens = event.get("tokens_evaluated", out.reported_prompt_tokens)
+    delta = event.get("content") or ""
+    out.text += delta
+    return bool(delta)
+
+
 Backend = tuple[str, Callable[[RequestInput, argparse.Namespace], dict], Callable[[RequestOutput, dict], bool]]
 BACKENDS: dict[str, Backend] = {
     "native": ("/generate", native_payload, native_update),
     "openai": ("/v1/completions", openai_payload, openai_update),
     "openai-chat": ("/v1/chat/completions", chat_payload, openai_update),
+    "llamacpp": ("/completion", llamacpp_payload, llamacpp_update),
 }
 
 # ------------------------------------------------------------------ requests
@@ -246,6 +263,9 @@ async def send_request(session: aiohttp.ClientSession, url: str, backend: Backen
                     else:
                         out.itl.append(now - last)
                     last = now
+                if event.get("stop") is True:  # llama-server's last event; no [DONE] follows
+                    out.success = True
+                    break
             if not out.success:
                 out.error = "stream ended without [DONE]"
                 return out
@@ -349,7 +369,7 @@ async def resolve_server(session: aiohttp.ClientSession, args: argparse.Namespac
     """Fill in --model / --tokenizer from the server, then load the tokenizer."""
     from transformers import AutoTokenizer  # slow import: only when a run starts
 
-    if args.model is None and args.backend != "native":
+    if args.model is None and args.backend not in ("native", "llamacpp"):
         args.model = (await _get_json(session, args.base_url + "/v1/models"))["data"][0]["id"]
     if args.tokenizer is None:
         info = await _get_json(session, args.base_url + "/get_model_info")
@@ -364,7 +384,10 @@ async def run_benchmark(args: argparse.Namespace) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     # limit=0: aiohttp's default pool of 100 connections would queue requests client-side
     # and count that wait as TTFT.
-    connector = aiohttp.TCPConnector(limit=0)
+    # force_close: a fresh connection per request; a pooled keep-alive
+    # connection the server has just timed out fails the next request
+    # (llama-server closes idle ones after a few seconds).
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=6 * 3600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         tokenizer = await resolve_server(session, args)

@@ -14,8 +14,14 @@ GGUF with that checkout's own converter, then alternates, round by round:
 - static decode: `llama-batched-bench` against our `bench_one_batch`, same
   batch sizes, prompt and output lengths, each in a fresh process;
 - serving: `llama-server --parallel N` against `launch_server`, both driven
-  by our `bench_serving` (OpenAI completions, streamed) with one seeded
-  workload.
+  by our `bench_serving` with one seeded workload through the same streamed
+  OpenAI completions route.
+
+llama-server passes every streamed reply through its chat-format parser,
+which fails a reply that is not valid UTF-8, as a random-weight model's
+often is ("does not match the expected Content-only format"); apply
+`benchmark/llamacpp-content-only.patch` to the checkout before building
+(`git apply`): plain content then skips the parser. It touches no compute.
 
 and prints per-round figures and the median ratios (ours / llama.cpp).
 Known quirks handled here: a freshly trained BPE vocabulary has no
@@ -155,11 +161,11 @@ def running(cmd: list[str], health_url: str, log: pathlib.Path) -> Iterator[None
                 proc.wait()
 
 
-def drive(base_url: str, model_path: pathlib.Path, args: argparse.Namespace) -> dict:
+def drive(base_url: str, backend: str, model_path: pathlib.Path, args: argparse.Namespace) -> dict:
     from benchmark.bench_serving import parse_args, run_benchmark
 
     client = parse_args([
-        "--base-url", base_url, "--backend", "openai", "--model", "default", "--tokenizer", str(model_path),
+        "--base-url", base_url, "--backend", backend, "--model", "default", "--tokenizer", str(model_path),
         "--dataset", "random", "--num-prompts", str(args.num_prompts),
         "--random-input-len", str(args.serve_input_len), "--random-output-len", str(args.serve_output_len),
         "--random-range-ratio", str(args.serve_range_ratio), "--max-concurrency", str(args.concurrency),
@@ -167,7 +173,8 @@ def drive(base_url: str, model_path: pathlib.Path, args: argparse.Namespace) -> 
     ])
     report = asyncio.run(run_benchmark(client))
     if report["completed"] != args.num_prompts:
-        raise RuntimeError(f"only {report['completed']} of {args.num_prompts} requests succeeded")
+        raise RuntimeError(f"only {report['completed']} of {args.num_prompts} requests succeeded: "
+                           f"{sorted(set(report['errors']))[:3]}")
     return {key: report[key] for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms")}
 
 
@@ -185,11 +192,11 @@ def serving_rounds(args: argparse.Namespace, llama_dir: pathlib.Path, gguf: path
     # One server at a time: an idle peer still holds memory and threads.
     for _ in range(args.rounds):
         with running(our_cmd, f"http://127.0.0.1:{our_port}/health", work / "radixserve.log"):
-            drive(f"http://127.0.0.1:{our_port}", model_path, _warmup(args))
-            results["radixserve"].append(drive(f"http://127.0.0.1:{our_port}", model_path, args))
+            drive(f"http://127.0.0.1:{our_port}", "openai", model_path, _warmup(args))
+            results["radixserve"].append(drive(f"http://127.0.0.1:{our_port}", "openai", model_path, args))
         with running(llama_cmd, f"http://127.0.0.1:{llama_port}/health", work / "llama-server.log"):
-            drive(f"http://127.0.0.1:{llama_port}", model_path, _warmup(args))
-            results["llama.cpp"].append(drive(f"http://127.0.0.1:{llama_port}", model_path, args))
+            drive(f"http://127.0.0.1:{llama_port}", "openai", model_path, _warmup(args))
+            results["llama.cpp"].append(drive(f"http://127.0.0.1:{llama_port}", "openai", model_path, args))
         print(f"serving round: ours {results['radixserve'][-1]}  llama.cpp {results['llama.cpp'][-1]}", flush=True)
     return results
 

@@ -26,7 +26,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("bindings.cpp", "attention.cpp", "gemm.cpp")
+_SOURCES = ("bindings.cpp", "attention.cpp", "gemm.cpp", "norm.cpp")
 _DISABLE_ENV = "RADIXSERVE_NO_NATIVE_KERNELS"
 
 

@@ -8,6 +8,8 @@ void paged_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const
                      torch::Tensor& out);
 bool bf16_gemm_supported();
 torch::Tensor pack_bf16_weight(const torch::Tensor& weight);
+torch::Tensor rms_norm_bf16(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                            const torch::Tensor& weight, double eps);
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed,
                           const c10::optional<torch::Tensor>& bias, int64_t out_features);
 
@@ -18,4 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_bf16_weight", &pack_bf16_weight, "[N, K] bf16 -> the layout bf16_linear reads");
   m.def("bf16_linear", &bf16_linear, "x [M, K] bf16 times a packed weight (+ bias) -> [M, N] bf16",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("out_features"));
+  m.def("rms_norm_bf16", &rms_norm_bf16,
+        "RMSNorm of bf16 rows, adding the residual first (in place) when given",
+        pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("eps"));
 }

@@ -44,6 +44,8 @@ def _cpu_flags() -> str:
 def _build_dir(sources: list[pathlib.Path]) -> pathlib.Path:
     digest = hashlib.sha256()
     for path in sources:
+        # The path too: two checkouts must not share (and rebuild) one folder.
+        digest.update(str(path.resolve()).encode())
         digest.update(path.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(sys.version.encode())

@@ -47,18 +47,27 @@ def random_prompts(batch_size: int, input_len: int, vocab_size: int, seed: int) 
     return torch.randint(0, vocab_size - 16, (batch_size, input_len), generator=generator)
 
 
+def clock(device: torch.device | str) -> float:
+    """perf_counter after the device's queued work: on CUDA, kernels run
+    asynchronously, and an unsynchronised clock would time their launches."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def run_ours(runner: ModelRunner, prompts: torch.Tensor, output_len: int) -> EngineRun:
     batch = BatchRunner(runner)
     seq_ids = [batch.add_sequence() for _ in range(prompts.shape[0])]
-    start = time.perf_counter()
+    device = runner.device
+    start = clock(device)
     out, _ = batch.extend(seq_ids, prompts.tolist())
     next_ids = torch.argmax(out.next_token_logits, dim=-1)
-    yield time.perf_counter() - start
+    yield clock(device) - start
     for _ in range(output_len - 1):
-        start = time.perf_counter()
+        start = clock(device)
         out, _ = batch.extend(seq_ids, next_ids.view(-1, 1).tolist())
         next_ids = torch.argmax(out.next_token_logits, dim=-1)
-        yield time.perf_counter() - start
+        yield clock(device) - start
     batch.release_all()
 
 
@@ -68,17 +77,18 @@ def run_hf(model, prompts: torch.Tensor, output_len: int) -> EngineRun:
     flattered)."""
     from transformers import DynamicCache
 
+    device = prompts.device
     with torch.inference_mode():
         cache = DynamicCache()
-        start = time.perf_counter()
+        start = clock(device)
         out = model(input_ids=prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
         next_ids = torch.argmax(out.logits[:, -1], dim=-1)
-        yield time.perf_counter() - start
+        yield clock(device) - start
         for _ in range(output_len - 1):
-            start = time.perf_counter()
+            start = clock(device)
             out = model(input_ids=next_ids.view(-1, 1), past_key_values=cache, use_cache=True)
             next_ids = torch.argmax(out.logits[:, -1], dim=-1)
-            yield time.perf_counter() - start
+            yield clock(device) - start
 
 
 def run_round(engines: dict[str, Callable[[], EngineRun]]) -> dict[str, RoundResult]:

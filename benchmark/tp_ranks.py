@@ -56,6 +56,8 @@ class TPRound:
 def _rank_main(rank: int, tp_size: int, init_addr: str, argv: list[str], model_path: str, commands, results) -> None:
     args = parse_args(argv)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // tp_size))
+    if args.device == "cuda":  # one GPU per rank, as the server places them
+        args.device = f"cuda:{rank}"
     group = init_tp_group(DistInitConfig(tp_size, rank, init_addr, args.device))
     times = CollectiveTimes()
     times.instrument(group)  # before the runner: the layers capture the group's combiners

@@ -94,10 +94,20 @@ class SyncExecutor:
         pass
 
 
+def cuda_device_index(device: torch.device) -> int | None:
+    """The CUDA ordinal `device` means (None off CUDA). An index-less "cuda"
+    is the current device: `torch.cuda.set_device` refuses a device without
+    an index, so resolve it once, on the thread that built the model."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 class OverlapTpWorker:
     def __init__(self, worker: TpModelWorker, max_batch_size: int) -> None:
         self.worker = worker
         device = worker.model_runner.device
+        self.device_index = cuda_device_index(device)
         # On CUDA the forward gets its own stream, so the scheduler thread's
         # copies and the next batch's preparation never queue behind it.
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -131,22 +141,34 @@ class OverlapTpWorker:
         out = self.outputs.get()
         if isinstance(out, BaseException):
             raise RuntimeError("forward failed on the overlap worker thread") from out
-        result, done = out
+        result, done, _inputs = out
         if done is not None:
             done.synchronize()  # the one host sync per iteration
-        return result
+        return result  # the batch's input tensors may be freed from here on
 
     def shutdown(self) -> None:
         self.inputs.put(None)
         self.thread.join(timeout=10)
 
+    def _bind_device(self) -> None:
+        if self.device_index is not None:
+            torch.cuda.set_device(self.device_index)
+
     def _loop(self) -> None:
-        if self.stream is not None:
-            torch.cuda.set_device(self.worker.model_runner.device)
+        # A failure here must reach the scheduler thread as well: a silently
+        # dead worker would leave result() waiting forever.
+        setup_error: BaseException | None = None
+        try:
+            self._bind_device()
+        except BaseException as err:
+            setup_error = err
         while True:
             item = self.inputs.get()
             if item is None:
                 return
+            if setup_error is not None:
+                self.outputs.put(setup_error)
+                continue
             batch, slots, top_logprobs_num, inputs_ready = item
             try:
                 with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
@@ -157,6 +179,12 @@ class OverlapTpWorker:
                 self.outputs.put(err)
 
     def _run(self, batch: ForwardBatch, slots: torch.Tensor, top_logprobs_num: int):
+        """Returns (host result, done event or None, inputs to keep alive).
+
+        The batch's tensors were allocated on the scheduler thread's stream;
+        the caching allocator would reuse their memory once Python drops them,
+        possibly before this stream has read them. They ride along with the
+        result until `done` has been waited on."""
         ids = batch.input_ids
         placeholder = ids < 0
         batch.input_ids = torch.where(placeholder, self.future_token_ids[(-ids).clamp_(min=0)], ids)
@@ -164,8 +192,8 @@ class OverlapTpWorker:
         device_ids = result.next_token_ids
         self.future_token_ids[slots.to(device_ids.device, non_blocking=True)] = device_ids
         if self.stream is None:
-            return result.cpu(), None
+            return result.cpu(), None, None
         host = result.cpu(non_blocking=True)
         done = torch.cuda.Event()
         done.record(self.stream)
-        return host, done
+        return host, done, (batch, ids)

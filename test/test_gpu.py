@@ -112,10 +112,14 @@ def test_overlap_equals_no_overlap_on_gpu():
 
     path = str(demo_model_path("qwen3", "tiny"))
     prompts = make_prompts([5 + i for i in range(12)], 4096, seed=6)
-    params = [{"max_new_tokens": 8 + i, "temperature": 0.8, "seed": i, "ignore_eos": True} for i in range(12)]
+    # Greedy in fp32: overlap changes batch shapes (graph padding, one-step-late
+    # admission), and a different GEMM or split plan may flip a bf16 near-tie
+    # of a seeded sample; the schedule must not change greedy fp32 outputs.
+    params = [{"max_new_tokens": 8 + i, "temperature": 0.0, "ignore_eos": True} for i in range(12)]
     outputs = []
     for disable_overlap in (False, True):
-        engine = Engine(model_path=path, device="cuda", disable_overlap=disable_overlap, max_total_tokens=4096)
+        engine = Engine(model_path=path, device="cuda", dtype="float32", disable_overlap=disable_overlap,
+                        max_total_tokens=4096)
         try:
             outputs.append([o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)])
         finally:

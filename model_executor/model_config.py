@@ -33,6 +33,7 @@ class ModelRunnerConfig:
     tp_size: int = 1
     tp_rank: int = 0
     random_seed: int = 0
+    load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random, from config.json alone
     # CPU bf16 only: pack linear weights into oneDNN's layout (layers/cpu_gemm.py).
     cpu_weight_prepack: bool = True
     # With prepack and the native kernels: a second weight copy for 1-2 row

@@ -1,4 +1,6 @@
-"""Build a model from a Hugging Face checkpoint directory (safetensors)."""
+"""Build a model from a Hugging Face checkpoint directory (safetensors), or
+with random weights from its config.json alone (`load_format="dummy"`, as
+SGLang and vLLM offer: a model's shape benchmarked without its weights)."""
 
 from __future__ import annotations
 
@@ -52,11 +54,33 @@ def iterate_weights(files: list[str]) -> Iterator[tuple[str, LazyCheckpointTenso
                 yield name, LazyCheckpointTensor(f.get_slice(name))
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def fill_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights of sensible scale, so activations stay finite through
+    many layers: norms 1, vectors 0, matrices N(0, 1/fan_in) (embeddings and
+    the LM head N(0, 1/hidden), giving unit-scale logits)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() < 2:
+            param.data.fill_(1.0 if "norm" in name else 0.0)
+            continue
+        values = torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5
+        param.data.copy_(values)
+
+
 def load_model(
-    model_config: ModelConfig, device: torch.device | str, tp: TPContext | None = None
+    model_config: ModelConfig,
+    device: torch.device | str,
+    tp: TPContext | None = None,
+    load_format: str = "auto",
+    seed: int = 0,
 ) -> nn.Module:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unknown load format {load_format!r}; available: {', '.join(LOAD_FORMATS)}")
     model_cls = get_model_class(model_config.architecture)
-    files = checkpoint_files(model_config.model_path)
+    files = checkpoint_files(model_config.model_path) if load_format == "auto" else []
     # Parameters are created empty on the target device in the target dtype,
     # then filled tensor by tensor, so peak memory is one copy of the weights
     # plus one checkpoint tensor.
@@ -67,6 +91,9 @@ def load_model(
             model = model_cls(model_config.hf_config, tp or TPContext())
         finally:
             torch.set_default_dtype(previous)
+    if load_format == "dummy":
+        fill_dummy_weights(model, seed)
+        return model.eval()
     loaded = model.load_weights(iterate_weights(files))
     missing = sorted(model.expected_checkpoint_names() - loaded)
     if missing:

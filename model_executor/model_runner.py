@@ -74,7 +74,7 @@ class ModelRunner:
         )
         self.dtype = self.model_config.dtype
         self.tp = tp_group.tp_context() if tp_group is not None else TPContext()
-        self.model = load_model(self.model_config, self.device, self.tp)
+        self.model = load_model(self.model_config, self.device, self.tp, config.load_format, config.random_seed)
         if config.cpu_weight_prepack and prepack_supported(self.device, self.dtype):
             for module in self.model.modules():
                 if hasattr(module, "prepack"):

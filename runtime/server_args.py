@@ -51,6 +51,12 @@ class ServerArgs:
         None, "Max tokens per request (prompt + output); default: the model's limit."
     )
     trust_remote_code: bool = _arg(False, "Allow custom code from the checkpoint.")
+    load_format: str = _arg(
+        "auto",
+        "auto: the checkpoint's safetensors; dummy: random weights from config.json alone "
+        "(benchmarks of a model shape without its weights).",
+        ("auto", "dummy"),
+    )
     skip_tokenizer_init: bool = _arg(False, "Do not load a tokenizer; requests pass token ids.")
     served_model_name: str | None = _arg(
         None, "Model name reported by the API; default: --model-path."
@@ -278,6 +284,7 @@ class ServerArgs:
             tp_size=self.tp_size,
             tp_rank=tp_rank,
             random_seed=self.random_seed,
+            load_format=self.load_format,
         )
 
     def scheduler_config(self) -> SchedulerConfig:

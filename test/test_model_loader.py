@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 from types import SimpleNamespace
 
@@ -159,3 +160,49 @@ def test_auto_dtype_is_bf16_on_cpu_even_for_fp32_checkpoints(tiny_qwen3, tmp_pat
     _edit_config(fp32, dtype="float32", torch_dtype="float32")
     runner = make_runner(fp32, dtype="auto")
     assert runner.dtype == torch.bfloat16
+
+
+def _config_only_checkpoint(tmp_path, source) -> str:
+    """A checkpoint directory with config.json and nothing else."""
+    import shutil
+
+    target = tmp_path / "shape-only"
+    target.mkdir()
+    shutil.copy(pathlib.Path(source) / "config.json", target / "config.json")
+    return str(target)
+
+
+def test_dummy_load_format_needs_only_config_json(tmp_path, tiny_qwen3):
+    import torch
+
+    from model_executor.batch_runner import BatchRunner
+    from model_executor.model_config import ModelRunnerConfig
+    from model_executor.model_runner import ModelRunner
+
+    path = _config_only_checkpoint(tmp_path, tiny_qwen3)
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        ModelRunner(ModelRunnerConfig(model_path=path, max_total_tokens=256, max_running_requests=2))
+
+    logits = []
+    for seed in (0, 0, 1):
+        runner = ModelRunner(ModelRunnerConfig(model_path=path, max_total_tokens=256, max_running_requests=2,
+                                               load_format="dummy", random_seed=seed))
+        batch = BatchRunner(runner)
+        out, _ = batch.extend([batch.add_sequence()], [[5, 6, 7, 8]])
+        logits.append(out.next_token_logits)
+    assert all(torch.isfinite(x).all() for x in logits)
+    assert 0.1 < logits[0].std().item() < 10  # unit-scale logits, not 0 and not blown up
+    assert torch.equal(logits[0], logits[1])  # the seed decides the weights
+    assert not torch.equal(logits[0], logits[2])
+
+
+def test_engine_serves_a_dummy_model_from_config_json_alone(tmp_path, tiny_qwen3):
+    from runtime.engine import Engine
+
+    path = _config_only_checkpoint(tmp_path, tiny_qwen3)
+    engine = Engine(model_path=path, load_format="dummy", skip_tokenizer_init=True, max_total_tokens=1024)
+    try:
+        out = engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 4, "ignore_eos": True})
+    finally:
+        engine.shutdown()
+    assert len(out["output_ids"]) == 4

@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 SERVE_ARGS ?=
 
-.PHONY: install test serve bench clean
+.PHONY: install test serve bench gpu-check clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ serve: install
 
 bench: install
 	$(PY) -m benchmark.bench_one_batch --batch-size 16 --input-len 128 --output-len 128 --compare-hf
+
+# The prepared GPU check (benchmark/gpu_check.py): report into $(OUT).
+OUT ?= gpu-report
+gpu-check: install
+	$(PY) -m benchmark.gpu_check $(OUT)
 
 clean:
 	rm -rf $(VENV) *.egg-info

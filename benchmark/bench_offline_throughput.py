@@ -84,6 +84,7 @@ def run_hf(model, workload: Workload, batch_size: int, pad_id: int) -> dict:
     """transformers `generate` in static batches of `batch_size`, left padded,
     greedy, EOS ignored; each batch runs to its longest requested output, but
     only the requested tokens count as output."""
+    device = next(model.parameters()).device
     start = time.perf_counter()
     with torch.inference_mode():
         for first in range(0, len(workload), batch_size):
@@ -95,8 +96,10 @@ def run_hf(model, workload: Workload, batch_size: int, pad_id: int) -> dict:
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 mask[row, width - len(ids) :] = 1
             new = max(n for _, n, _ in chunk)
-            model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=pad_id)
+            model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=pad_id)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     return summarize(workload, elapsed, sum(n for _, n, _ in workload), 0)
 
@@ -117,6 +120,8 @@ def engine_args(args: argparse.Namespace, model_path: str, toggle: str | None) -
     elif toggle == "attention":
         attention = "torch_native"
     return dict(
+        load_format=args.load_format,
+        skip_tokenizer_init=args.load_format == "dummy",  # a shape-only folder has no tokenizer; ids only
         attention_backend=attention,
         model_path=model_path,
         dtype=args.dtype,
@@ -170,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--disable-overlap", action="store_true")
     p.add_argument("--enable-cpu-overlap", action="store_true", help="overlap scheduling on CPU (off by default)")
     p.add_argument("--attention-backend", default=None, help="default: the server's (cpu on a CPU)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights from config.json alone (transformers then gets its own random init)")
     p.add_argument("--compare", choices=["radix-cache", "overlap", "attention"], default=None,
                    help="also run with this feature toggled (attention: torch_native), alternating, and print the ratio")
     p.add_argument("--compare-hf", action="store_true",
@@ -196,7 +203,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compare_hf:
         from transformers import AutoModelForCausalLM
 
-        hf_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval()
+        if args.load_format == "dummy":  # same shapes, its own random weights: a speed comparison only
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model_path)
+            hf_model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+        else:
+            hf_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval()
+        hf_model.to(engine_args(args, model_path, None)["device"])  # the device ours runs on
         pad_id = hf_model.generation_config.pad_token_id or 0
         runs_fn["transformers"] = lambda: run_hf(hf_model, workload, args.hf_batch_size, pad_id)
 

@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention-backend", default=None,
                         help="default: the server's (cpu on a CPU, flashinfer or triton on CUDA)")
     parser.add_argument("--page-size", type=int, default=1)
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                        help="dummy: random weights from config.json alone (a model shape without its weights)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up)")
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers, in lock step")
     parser.add_argument(
@@ -201,6 +203,7 @@ def make_runner(
         attention_backend=args.attention_backend,
         random_seed=args.seed,
         disable_cuda_graph=args.cuda_graph == "off",
+        load_format=args.load_format,
     )
     for key, value in overrides.items():
         setattr(config, key, value)

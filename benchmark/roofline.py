@@ -17,9 +17,33 @@ from mem_cache.memory_pool import KVPool
 from model_executor.model_loader import checkpoint_files, iterate_weights
 
 
+def _llama_family_sizes(model_path: str) -> dict[str, int]:
+    """Parameter counts from config.json alone (a `--load-format dummy`
+    checkpoint has no weights to count): embeddings, per-layer attention and
+    MLP matrices and norms, the LM head unless tied."""
+    import json
+    import os
+
+    with open(os.path.join(model_path, "config.json")) as f:
+        c = json.load(f)
+    hidden, layers = c["hidden_size"], c["num_hidden_layers"]
+    heads = c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or hidden // heads
+    per_layer = (hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
+                 + 3 * hidden * c["intermediate_size"] + 2 * hidden)
+    sizes = {"model.embed_tokens.weight": c["vocab_size"] * hidden, "layers": layers * per_layer, "norm": hidden}
+    if not c.get("tie_word_embeddings", False):
+        sizes["lm_head.weight"] = c["vocab_size"] * hidden
+    return sizes
+
+
 def weight_bytes_per_step(model_path: str, dtype: torch.dtype, tp_size: int = 1) -> int:
     """Bytes of weights one rank reads per decode step (shapes only; nothing is loaded)."""
-    sizes = {name: tensor.numel() for name, tensor in iterate_weights(checkpoint_files(model_path))}
+    try:
+        sizes = {name: tensor.numel() for name, tensor in iterate_weights(checkpoint_files(model_path))}
+    except FileNotFoundError:
+        sizes = _llama_family_sizes(model_path)
     tied = "lm_head.weight" not in sizes
     total = sum(n for name, n in sizes.items() if tied or not name.endswith("embed_tokens.weight"))
     return total * torch.empty(0, dtype=dtype).element_size() // tp_size

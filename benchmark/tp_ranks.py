@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 
-from benchmark.bench_one_batch import RoundResult, parse_args, make_runner, random_prompts, run_ours
+from benchmark.bench_one_batch import RoundResult, clock, make_runner, parse_args, random_prompts, run_ours
 from model_executor.distributed import DistInitConfig, TPGroup, init_tp_group
 from runtime.launch import free_port
 
@@ -28,19 +27,21 @@ class CollectiveTimes:
     def instrument(self, group: TPGroup) -> None:
         """Time the group's collectives from now on. (On CPU, gloo returns
         when the collective is done, so wall time is its cost, including
-        the wait for the slowest rank.)"""
+        the wait for the slowest rank. NCCL returns at once, so on CUDA the
+        clock is read after a synchronize on both sides: the work queued
+        before the collective is charged to the step, not to it.)"""
         reduce, gather = group.all_reduce, group.all_gather
 
         def timed_reduce(x: torch.Tensor) -> torch.Tensor:
-            start = time.perf_counter()
+            start = clock(x.device)
             out = reduce(x)
-            self.all_reduce_s += time.perf_counter() - start
+            self.all_reduce_s += clock(x.device) - start
             return out
 
         def timed_gather(x: torch.Tensor) -> torch.Tensor:
-            start = time.perf_counter()
+            start = clock(x.device)
             out = gather(x)
-            self.all_gather_s += time.perf_counter() - start
+            self.all_gather_s += clock(x.device) - start
             return out
 
         group.all_reduce, group.all_gather = timed_reduce, timed_gather  # type: ignore[method-assign]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 import sys
 
@@ -15,22 +14,17 @@ import torch.nn.functional as F
 
 from layers.attention.cpu_backend import CpuAttnBackend
 from layers.attention.torch_native import TorchNativeAttnBackend
-from layers.cpu_kernels import native_ops
 from layers.radix_attention import RadixAttention
 from mem_cache.memory_pool import KVPool, ReqToTokenPool
 from model_executor.forward_batch import ForwardBatch, ForwardMode
+from native_helpers import built_native_ops, requires_native_kernels
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("c++") is None or os.environ.get("RADIXSERVE_NO_NATIVE_KERNELS", "") not in ("", "0"),
-    reason="no C++ compiler, or native kernels disabled",
-)
+pytestmark = requires_native_kernels
 
 
 @pytest.fixture(scope="module")
 def ops():
-    built = native_ops()
-    assert built is not None, "the native CPU kernels failed to build (see the warning above)"
-    return built
+    return built_native_ops()
 
 
 def reference_attention(q, k_cache, v_cache, req_to_token, rows, prefix, extend, scale):

@@ -3,26 +3,20 @@ linear's choice between it and oneDNN by row count."""
 
 from __future__ import annotations
 
-import os
-import shutil
 
 import pytest
 import torch
 
 from layers.cpu_gemm import SMALL_BATCH_ROWS, pack_cpu_linear, prepack_supported
-from layers.cpu_kernels import native_ops
 from model_helpers import make_runner
+from native_helpers import built_native_ops, requires_native_kernels
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("c++") is None or os.environ.get("RADIXSERVE_NO_NATIVE_KERNELS", "") not in ("", "0"),
-    reason="no C++ compiler, or native kernels disabled",
-)
+pytestmark = requires_native_kernels
 
 
 @pytest.fixture(scope="module")
 def ops():
-    built = native_ops()
-    assert built is not None, "the native CPU kernels failed to build (see the warning above)"
+    built = built_native_ops()
     if not built.bf16_gemm_supported():
         pytest.skip("this CPU has no AVX-512: the streaming linear is not built")
     return built

@@ -10,8 +10,8 @@ plain `F.linear`; GPUs never take this path.
 
 At one or two rows (batch-1/2 decode) a linear layer only streams its weight,
 and the native streaming kernel (layers/cpu_kernels/gemm.cpp) does that
-1.3-2x faster than oneDNN; from four rows oneDNN (AMX or AVX-512 brgemm)
-wins. Where the native kernels are built, a layer keeps a second copy of its
+1.3-2x faster than oneDNN; at four rows they tie, from eight oneDNN (AMX or
+AVX-512 brgemm) wins, so it takes over from three rows. Where the native kernels are built, a layer keeps a second copy of its
 weight in the streaming kernel's layout and picks by row count: twice the
 weight memory for the fastest single-stream decode, so it is a choice
 (`cpu_small_batch_gemv`), on by default.

@@ -61,15 +61,14 @@ def fill_dummy_weights(model: nn.Module, seed: int) -> None:
     """Random weights of sensible scale, so activations stay finite through
     many layers: norms 1, vectors 0, matrices N(0, 1/fan_in) (embeddings and
     the LM head N(0, 1/hidden), giving unit-scale logits)."""
-    generators: dict[torch.device, torch.Generator] = {}
+    # Drawn on the model's own device: an 8B model's weights in seconds on a
+    # GPU, and no host copy of them.
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
         if param.dim() < 2:
             param.data.fill_(1.0 if "norm" in name else 0.0)
-            continue
-        # Drawn on the parameter's own device: an 8B model's weights in
-        # seconds on a GPU, and no host copy of them.
-        generator = generators.setdefault(param.device, torch.Generator(device=param.device).manual_seed(seed))
-        param.data.normal_(0.0, param.shape[1] ** -0.5, generator=generator)
+        else:
+            param.data.normal_(0.0, param.shape[1] ** -0.5, generator=generator)
 
 
 def load_model(

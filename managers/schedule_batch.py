@@ -54,6 +54,24 @@ def _decode_position(req: Req) -> int:
     return position
 
 
+def last_slots_mid_page(table: torch.Tensor, rows: list[int], prefix_lens: list[int], page_size: int) -> list[int]:
+    """Per request, the slot of its last prefix token where the prefix ends
+    inside a page (the allocator continues that page), else -1: the
+    allocator reads last_locs only there, and at page size 1 never.
+    `table` may live on the GPU, so the needed entries are read in one
+    gather (one device sync per step, not one per request, and none when no
+    prefix ends mid-page)."""
+    mid = [i for i, p in enumerate(prefix_lens) if p % page_size]
+    last_locs = [-1] * len(prefix_lens)
+    if mid:
+        index = torch.tensor([[rows[i], prefix_lens[i] - 1] for i in mid], dtype=torch.int64)
+        if table.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU
+            index = index.pin_memory().to(table.device, non_blocking=True)
+        for i, slot in zip(mid, table[index[:, 0], index[:, 1]].tolist()):
+            last_locs[i] = slot
+    return last_locs
+
+
 @dataclass(eq=False)
 class Req:
     rid: str
@@ -202,7 +220,8 @@ class ScheduleBatch:
     def _allocate(self, reqs: list[Req], prefix_lens: list[int], extend_lens: list[int]) -> bool:
         table = self.req_to_token_pool.req_to_token
         seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
-        last_locs = [int(table[r.req_pool_idx, p - 1]) if p else -1 for r, p in zip(reqs, prefix_lens)]
+        rows = [r.req_pool_idx for r in reqs]
+        last_locs = last_slots_mid_page(table, rows, prefix_lens, self.allocator.page_size)
         slots = self.allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
         if slots is None:
             return False

@@ -44,6 +44,21 @@ class DistInitConfig:
     def backend(self) -> str:
         return "nccl" if self.device.startswith("cuda") else "gloo"
 
+    @property
+    def device_id(self) -> torch.device | None:
+        """The GPU this rank binds its process group to (None on CPU). Bound,
+        NCCL creates the communicator inside init_process_group instead of
+        lazily at the first collective (which could be in a CUDA-graph
+        warm-up), and a rank that cannot reach the others fails there."""
+        if self.backend != "nccl":
+            return None
+        device = torch.device(self.device)
+        if device.index is None:
+            raise ValueError(
+                f"TP rank {self.tp_rank} needs an indexed CUDA device (cuda:<local rank>), got {self.device!r}"
+            )
+        return device
+
 
 class RankJoinTimeout(RuntimeError):
     pass
@@ -102,8 +117,9 @@ def init_tp_group(config: DistInitConfig) -> TPGroup:
     """Join the group at `config.init_addr`; raises `RankJoinTimeout` (with
     the address and the missing ranks' count) if the others do not arrive
     within `timeout_s`."""
-    if config.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(config.device))
+    device_id = config.device_id
+    if device_id is not None:
+        torch.cuda.set_device(device_id)
     timeout = datetime.timedelta(seconds=config.timeout_s)
     try:
         dist.init_process_group(
@@ -112,6 +128,7 @@ def init_tp_group(config: DistInitConfig) -> TPGroup:
             world_size=config.tp_size,
             rank=config.tp_rank,
             timeout=timeout,
+            device_id=device_id,  # torch >= 2.3
         )
     except RuntimeError as err:  # DistStoreError (timeout) is a RuntimeError
         raise RankJoinTimeout(

@@ -304,3 +304,38 @@ def test_default_backend_on_cuda_follows_dtype_and_flashinfer(monkeypatch):
         fp32 = ServerArgs(model_path="m", device="cuda", dtype="float32").attention_backend
         assert (bf16, fp32) == (("flashinfer", "triton") if installed else ("triton", "triton"))
     assert ServerArgs(model_path="m", device="cpu").attention_backend == "cpu"
+
+
+def test_tp_on_cuda_turns_cuda_graphs_off_with_one_warning(caplog):
+    from runtime.server_args import cuda_graph_off_reason
+
+    assert cuda_graph_off_reason("cuda", 1) is None
+    assert cuda_graph_off_reason("cpu", 4) is None
+    assert "--tp-size 2 on CUDA" in cuda_graph_off_reason("cuda", 2)
+
+    with caplog.at_level("WARNING", logger="runtime.server_args"):
+        args = ServerArgs(model_path="m", device="cuda", tp_size=2, attention_backend="triton")
+    assert args.disable_cuda_graph
+    assert [r.getMessage() for r in caplog.records] == [
+        "CUDA graphs disabled: " + cuda_graph_off_reason("cuda", 2)
+    ]
+    assert args.model_runner_config(tp_rank=1).disable_cuda_graph
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="runtime.server_args"):
+        assert ServerArgs(model_path="m", device="cuda", tp_size=2, disable_cuda_graph=True).disable_cuda_graph
+        assert not ServerArgs(model_path="m", device="cuda", attention_backend="triton").disable_cuda_graph
+        assert not ServerArgs(model_path="m", device="cpu", tp_size=2).disable_cuda_graph
+    assert caplog.records == []  # nothing to say when the user's choice stands
+
+
+def test_flashinfer_workspace_flag():
+    from layers.attention.flashinfer_backend import DEFAULT_WORKSPACE_MB
+    from model_executor.model_config import ModelRunnerConfig
+
+    # One default in three places: the flag, the runner config, the backend.
+    assert prepare_server_args(BASE).flashinfer_workspace_mb == DEFAULT_WORKSPACE_MB
+    assert ModelRunnerConfig(model_path="m").flashinfer_workspace_mb == DEFAULT_WORKSPACE_MB
+    args = prepare_server_args(BASE + ["--flashinfer-workspace-mb", "512"])
+    assert args.model_runner_config().flashinfer_workspace_mb == 512
+    with pytest.raises(ValueError, match="--flashinfer-workspace-mb must be >= 1, got 0"):
+        prepare_server_args(BASE + ["--flashinfer-workspace-mb", "0"])

@@ -234,3 +234,14 @@ def test_ranks_agree_on_the_smallest_kv_capacity():
     for p in procs:
         p.join(30)
     assert got == {0: 1000, 1: 1000}
+
+
+def test_each_rank_binds_its_own_gpu_to_the_process_group():
+    # init_process_group(device_id=...) creates the NCCL communicator at once,
+    # not during the first collective; gloo (CPU) takes no device.
+    from model_executor.distributed import DistInitConfig
+
+    assert DistInitConfig(2, 1, "h:1", "cpu").device_id is None
+    assert DistInitConfig(2, 1, "h:1", "cuda:1").device_id == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"indexed CUDA device \(cuda:<local rank>\), got 'cuda'"):
+        DistInitConfig(2, 1, "h:1", "cuda").device_id

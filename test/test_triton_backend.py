@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from layers.attention.kv_indices import build_kv_indices  # noqa: E402
+from layers.attention.kv_indices import build_kv_indices, host_indptr  # noqa: E402
 from layers.attention.triton_backend import TritonAttnBackend  # noqa: E402
 from model_executor.batch_runner import BatchRunner  # noqa: E402
 from model_helpers import make_prompts, make_runner  # noqa: E402
@@ -106,6 +106,51 @@ def test_build_kv_indices_lists_each_sequence_slots_in_order():
     assert indices.tolist() == [120, 121, 122, 100, 130, 131, 132, 133, 134]
 
 
+def test_host_indptr_matches_the_device_one():
+    # flashinfer's plan() gets this host copy; the kernels' kv_indices come
+    # from build_kv_indices, so the two must agree.
+    seq_lens = [3, 1, 5, 0, 2]
+    device_indptr, _ = build_kv_indices(
+        torch.arange(60, dtype=torch.int32).view(5, 12), torch.arange(5), torch.tensor(seq_lens), sum(seq_lens)
+    )
+    host = host_indptr(seq_lens)
+    assert host.device.type == "cpu" and host.dtype == torch.int32
+    assert torch.equal(host, device_indptr.cpu())
+    assert host_indptr([]).tolist() == [0]
+
+
+@pytest.mark.parametrize("splits", [0, -4, 3, 6, 12])
+def test_num_kv_splits_must_be_a_power_of_two(splits):
+    with pytest.raises(ValueError, match=f"num_kv_splits must be a power of two >= 1, got {splits}"):
+        TritonAttnBackend(torch.device(DEVICE), num_kv_splits=splits)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 16])
+def test_decode_kernel_with_other_split_counts_matches_softmax(splits):
+    # The merge kernel spans the splits with tl.arange: every power of two,
+    # 1 included, must work, and more splits than keys leaves empty chunks.
+    from layers.attention.triton_kernels import decode_attention
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim, seq_lens = 4, 2, 32, [1, 7, 40]
+    slots = torch.randperm(64)[: sum(seq_lens)]
+    k_pool, v_pool = torch.randn(64, kv_heads, dim), torch.randn(64, kv_heads, dim)
+    q = torch.randn(len(seq_lens), heads, dim)
+    indptr = host_indptr(seq_lens).to(DEVICE)
+    backend = TritonAttnBackend(torch.device(DEVICE), num_kv_splits=splits)
+    partial_out, partial_lse = backend._decode_scratch(len(seq_lens), heads, dim)
+    out = torch.empty_like(q)
+    args = [t.to(DEVICE) for t in (q, k_pool, v_pool, out)]
+    decode_attention(*args, indptr, slots.to(DEVICE), partial_out, partial_lse, dim**-0.5)
+    out = args[3].cpu()
+    for b, (start, n) in enumerate(zip(indptr.tolist(), seq_lens)):
+        own = slots[start : start + n]
+        for h in range(heads):
+            k, v = k_pool[own, h // 2], v_pool[own, h // 2]
+            expected = torch.softmax(q[b, h] @ k.T * dim**-0.5, dim=-1) @ v
+            assert torch.allclose(out[b, h], expected, atol=1e-5)
+
+
 def test_engine_greedy_with_triton_backend_equals_torch_native(monkeypatch):
     from runtime.engine import Engine
 
@@ -146,3 +191,38 @@ def test_flashinfer_backend_refuses_cpu_fp32_and_a_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "flashinfer", None)  # as if not installed
     with pytest.raises(ValueError, match=r"pip install 'radixserve\[gpu\]'"):
         import_flashinfer(torch.device("cuda"))
+
+
+def test_flashinfer_plan_inputs_are_built_on_the_host():
+    # plan() schedules on the host and would copy device indptrs back (a
+    # blocking sync per step); only kv_indices is for the kernels. The
+    # backend itself needs CUDA and flashinfer, so only the metadata
+    # step runs here, on an instance whose __init__ (CUDA-only) is skipped.
+    from layers.attention.flashinfer_backend import FlashInferAttnBackend
+    from mem_cache.memory_pool import ReqToTokenPool
+    from model_executor.forward_batch import ForwardBatch, ForwardMode
+
+    pool = ReqToTokenPool(4, 32, "cpu")
+    pool.req_to_token.copy_(torch.arange(128, dtype=torch.int32).view(4, 32))
+    backend = FlashInferAttnBackend.__new__(FlashInferAttnBackend)
+    backend.device = torch.device("cpu")
+    for mode, prefix, extend, ragged in [
+        (ForwardMode.EXTEND, [0, 0], [3, 5], True),
+        (ForwardMode.MIXED, [4, 0], [1, 5], False),
+        (ForwardMode.DECODE, [4, 6], [1, 1], None),
+    ]:
+        batch = ForwardBatch.build(mode, [1] * sum(extend), [2, 0], prefix, extend,
+                                   torch.zeros(sum(extend), dtype=torch.int64), "cpu")
+        batch.req_to_token_pool = pool
+        backend.init_forward_metadata(batch)
+        meta = backend.metadata
+        seq_lens = [p + e for p, e in zip(prefix, extend)]
+        assert meta.kv_indptr.tolist() == [0, seq_lens[0], sum(seq_lens)]
+        assert meta.last_page_len.tolist() == [1, 1]
+        host = [meta.kv_indptr, meta.last_page_len] + ([] if ragged is None else [meta.qo_indptr])
+        assert all(t.device.type == "cpu" and t.dtype == torch.int32 for t in host)
+        assert meta.kv_indices.tolist() == [64 + i for i in range(seq_lens[0])] + list(range(seq_lens[1]))
+        if ragged is None:
+            assert meta.qo_indptr is None
+        else:
+            assert meta.qo_indptr.tolist() == [0, extend[0], sum(extend)] and meta.ragged is ragged

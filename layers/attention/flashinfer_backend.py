@@ -15,6 +15,11 @@ so the page table is the flat slot list of `kv_indices.py` and any
 allocator page size works. Each step plans once (on its first layer, when
 head counts and dtypes are known) and every layer reuses the plan.
 
+`plan()` schedules on the host: it reads the indptr arrays there, so they
+are built on the host from the batch's host lengths. Given device tensors
+it would copy them back, a blocking device-to-host copy every step that
+stalls the overlap scheduler. Only `kv_indices` stays on the device.
+
 `flashinfer` is imported only when this backend is chosen.
 """
 
@@ -26,13 +31,25 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from layers.attention.base import AttentionBackend
-from layers.attention.kv_indices import build_kv_indices
+from layers.attention.kv_indices import build_kv_indices, host_indptr
 
 if TYPE_CHECKING:
     from layers.radix_attention import RadixAttention
     from model_executor.forward_batch import ForwardBatch
 
-WORKSPACE_BYTES = 128 << 20
+# Size of the float workspace, which holds the split-KV partial outputs of
+# FA2 plans (flashinfer's scheduler.cuh, "batch_prefill_tmp_v" / "_tmp_s";
+# fa3 plans on Hopper use none). Outside CUDA graphs that is at most
+# group * 2 * num_SMs * 128 * (head_dim + 1) * 4 bytes (cta_tile_q <= 128),
+# whatever the batch, and the same under TP (query and KV heads shrink
+# together). At head_dim 128 and 132 SMs (H100/H200) that is 16.6 MiB per
+# query head of a KV group: 133 MiB for the group-8 models we serve
+# (Llama-3-70B, Qwen2-72B, Qwen3-32B), more than the 128 MiB of flashinfer's
+# examples, and 149 MiB at 148 SMs (B200). 256 MiB covers groups up to 15 at
+# 132 SMs. SGLang's 512 MiB for Qwen2/Qwen3 (its PR #2879) was an empirical
+# fix for Qwen2-7B (group 7) crashes; past the bound, flashinfer's error says
+# "Increase the workspace buffer size": --flashinfer-workspace-mb does.
+DEFAULT_WORKSPACE_MB = 256
 
 
 def import_flashinfer(device: torch.device) -> Any:
@@ -54,16 +71,18 @@ def import_flashinfer(device: torch.device) -> Any:
 
 @dataclass
 class FlashInferMetadata:
-    kv_indptr: torch.Tensor  # [B + 1] int32
-    kv_indices: torch.Tensor  # [sum(seq_lens)] int32 slots (pages of one slot)
-    last_page_len: torch.Tensor  # [B] int32, all ones
-    qo_indptr: torch.Tensor | None  # extend only
+    kv_indptr: torch.Tensor  # [B + 1] int32, host
+    kv_indices: torch.Tensor  # [sum(seq_lens)] int32 slots (pages of one slot), device
+    last_page_len: torch.Tensor  # [B] int32, all ones, host
+    qo_indptr: torch.Tensor | None  # [B + 1] int32, host; extend only
     ragged: bool  # extend with no cached prefix anywhere
     planned: bool = False
 
 
 class FlashInferAttnBackend(AttentionBackend):
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, device: torch.device, dtype: torch.dtype, workspace_mb: int = DEFAULT_WORKSPACE_MB
+    ) -> None:
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(
                 f"the flashinfer attention backend runs fp16/bf16 models only (got {dtype}); "
@@ -71,7 +90,12 @@ class FlashInferAttnBackend(AttentionBackend):
             )
         self.flashinfer = import_flashinfer(device)
         self.device = device
-        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        if workspace_mb < 1:
+            raise ValueError(f"the flashinfer workspace must be >= 1 MiB, got {workspace_mb}")
+        # Zeroed: the wrappers' docstrings require it "for its first use"
+        # since flashinfer #1463 (trtllm-gen kernels expect zeroed state
+        # there); fa2/fa3 do not care, and one memset at start-up is free.
+        self.workspace = torch.zeros(workspace_mb << 20, dtype=torch.uint8, device=device)
         self.prefill_ragged = self.flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         self.prefill_paged = self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode_wrappers: dict[bool, Any] = {}  # by use_tensor_cores
@@ -79,17 +103,18 @@ class FlashInferAttnBackend(AttentionBackend):
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         assert batch.req_to_token_pool is not None
-        kv_indptr, kv_indices = build_kv_indices(
+        _, kv_indices = build_kv_indices(
             batch.req_to_token_pool.req_to_token, batch.req_pool_indices, batch.seq_lens, sum(batch.seq_lens_cpu)
         )
+        # Pinned, so plan()'s own host-to-device copies of these are asynchronous.
+        pin = self.device.type == "cuda"
         qo_indptr = None
         if not batch.forward_mode.is_decode():
-            qo_indptr = torch.zeros(batch.batch_size + 1, dtype=torch.int32, device=kv_indptr.device)
-            torch.cumsum(batch.extend_seq_lens, 0, out=qo_indptr[1:])
+            qo_indptr = host_indptr(batch.extend_seq_lens_cpu, pin)
         self.metadata = FlashInferMetadata(
-            kv_indptr=kv_indptr,
+            kv_indptr=host_indptr(batch.seq_lens_cpu, pin),
             kv_indices=kv_indices.to(torch.int32),
-            last_page_len=torch.ones(batch.batch_size, dtype=torch.int32, device=kv_indptr.device),
+            last_page_len=torch.ones(batch.batch_size, dtype=torch.int32, pin_memory=pin),
             qo_indptr=qo_indptr,
             ragged=qo_indptr is not None and not any(batch.extend_prefix_lens_cpu),
         )

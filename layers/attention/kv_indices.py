@@ -7,6 +7,9 @@ page size works: a real page is a run of consecutive slots.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
 
 
@@ -24,3 +27,10 @@ def build_kv_indices(
     position = torch.arange(total_tokens, device=seq_lens.device) - kv_indptr[seq_of_token].long()
     kv_indices = req_to_token[req_pool_indices[seq_of_token], position].long()
     return kv_indptr, kv_indices
+
+
+def host_indptr(lengths: Sequence[int], pin_memory: bool = False) -> torch.Tensor:
+    """[0, l0, l0 + l1, ...] as an int32 CPU tensor, from host-side lengths:
+    for kernels that schedule on the host (flashinfer's plan), which would
+    otherwise copy a device indptr back and wait for the GPU to get it."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, pin_memory=pin_memory)

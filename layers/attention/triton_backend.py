@@ -40,6 +40,9 @@ class TritonMetadata:
 
 class TritonAttnBackend(AttentionBackend):
     def __init__(self, device: torch.device, num_kv_splits: int = DEFAULT_NUM_KV_SPLITS) -> None:
+        # The merge kernel spans the splits with tl.arange, whose length must be a power of two.
+        if num_kv_splits < 1 or num_kv_splits & (num_kv_splits - 1):
+            raise ValueError(f"num_kv_splits must be a power of two >= 1, got {num_kv_splits}")
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 "the triton attention backend needs a GPU; on CPU it runs only under "

@@ -20,8 +20,15 @@ a run of consecutive slots.
 
 Loads are cast to fp32 right away: accumulation is in fp32 anyway, and
 Triton's CPU interpreter (which CI runs these under, TRITON_INTERPRET=1)
-gets bf16 arithmetic wrong. The dots then run in tf32, exact for bf16/fp16
-values, or in full fp32 for fp32 pools (`dot_precision`).
+gets bf16 arithmetic wrong. For bf16/fp16 pools the dots then run in tf32
+(`dot_precision`): Q·K loses nothing to that, since bf16/fp16 values fit
+tf32's 10-bit mantissa (the sums accumulate in fp32), but P·V rounds the
+fp32 softmax weights P to tf32, about 1e-3 relative per weight. fp32 pools
+(the parity reference) get full fp32 dots.
+
+Token offsets are formed in int64 before they are multiplied by a stride:
+in int32, a token index times the token stride (up to (H + 2 H_kv) * D: q may be
+a view of the fused QKV output) passes 2^31 at a few hundred thousand tokens.
 """
 
 from __future__ import annotations
@@ -85,7 +92,7 @@ def _extend_kernel(
     block_m = tl.program_id(2)
     kv_head = head // GROUP
 
-    q_start = tl.load(qo_indptr + seq)
+    q_start = tl.load(qo_indptr + seq).to(tl.int64)  # see the module docstring: int64 offsets
     num_new = tl.load(qo_indptr + seq + 1) - q_start
     if block_m * BLOCK_M >= num_new:
         return
@@ -223,9 +230,9 @@ def _decode_merge_kernel(
 
 
 def dot_precision(kv_dtype: torch.dtype) -> str:
-    """tf32 tensor cores are exact on bf16/fp16 inputs (their mantissas fit),
-    so half-precision pools lose nothing; fp32 pools (the parity reference)
-    get full-precision dots."""
+    """tf32 tensor cores for half-precision pools: Q·K loses nothing (bf16/
+    fp16 inputs fit tf32), P·V rounds the fp32 weights P to tf32. fp32 pools
+    (the parity reference) get full-precision dots."""
     return "ieee" if kv_dtype == torch.float32 else "tf32"
 
 

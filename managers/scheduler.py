@@ -3,10 +3,13 @@
 Each iteration (`step`):
 1. aborts take effect (their KV returns to the pool / cache);
 2. the next batch is chosen: a prefill of newly admitted requests (or the
-   next chunk of a chunked prompt), with every running decode riding along
-   as a 1-token extend (a MIXED batch) so decodes never stall behind a
-   stream of prompts; else a plain decode of the running requests (evicting
-   cache leaves, then retracting requests, if KV slots are short);
+   next chunk of a chunked prompt), else a plain decode of the running
+   requests (evicting cache leaves, then retracting requests, if KV slots
+   are short). With `enable_mixed_chunk` every running decode rides along
+   in the prefill as a 1-token extend (a MIXED batch), so decodes never
+   stall behind a stream of prompts; without it a prefill runs alone, so
+   it finishes sooner (better TTFT) while the decodes wait a step (worse
+   TPOT). See `SchedulerConfig.enable_mixed_chunk` for the measured default;
 3. the batch runs; its sampled tokens are appended, stop conditions checked,
    finished requests leave (their KV is handed to the radix cache).
 
@@ -259,7 +262,8 @@ class Scheduler:
 
     def _next_batch(self) -> ScheduleBatch | None:
         decodes = [r for r in self.running if not r.finished()]
-        prefill = self._admit_prefill(decodes)
+        riders = decodes if self.config.enable_mixed_chunk else []
+        prefill = self._admit_prefill(decodes, riders)
         if prefill is not None:
             return prefill
         if not decodes:
@@ -271,10 +275,13 @@ class Scheduler:
             raise RuntimeError("decode could not allocate KV after retraction")  # a bug, not load
         return batch
 
-    def _admit_prefill(self, decodes: list[Req]) -> ScheduleBatch | None:
+    def _admit_prefill(self, decodes: list[Req], riders: list[Req]) -> ScheduleBatch | None:
+        """A prefill batch, or None. `decodes` are the running requests (they
+        keep their KV reserve and their running slots); `riders`, those of them
+        that join this batch as 1-token extends."""
         chunk_budget = None
         if self.config.chunked_prefill_size is not None:
-            chunk_budget = self.config.chunked_prefill_size - len(decodes)
+            chunk_budget = self.config.chunked_prefill_size - len(riders)
             if chunk_budget <= 0:
                 return None
         reserve = PrefillAdder.reserve_for_running(decodes, self.config.new_token_ratio)
@@ -314,7 +321,7 @@ class Scheduler:
                     slots_left -= 1
                 if result != AddResult.CONTINUE:
                     break
-        batch = self._allocate_prefill(admitted, decodes, continuing)
+        batch = self._allocate_prefill(admitted, riders, continuing)
         if batch is None:
             return None
         for req in admitted:

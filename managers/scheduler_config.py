@@ -15,6 +15,9 @@ class SchedulerConfig:
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
     enable_overlap: bool = True
+    # Running decodes ride along in prefill batches (MIXED): steadier TPOT,
+    # slower prefills (TTFT). Off: prefills run alone, decodes wait a step.
+    enable_mixed_chunk: bool = True
     # Share of running requests' remaining max_new_tokens reserved when
     # admitting new ones (an estimate; retraction corrects a wrong one).
     new_token_ratio: float = 0.5

@@ -30,6 +30,9 @@ class ModelRunnerConfig:
     attention_backend: str = "torch_native"
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 64
+    # flashinfer backend only: its float workspace (why this size:
+    # layers/attention/flashinfer_backend.py, DEFAULT_WORKSPACE_MB).
+    flashinfer_workspace_mb: int = 256
     tp_size: int = 1
     tp_rank: int = 0
     random_seed: int = 0
@@ -39,6 +42,9 @@ class ModelRunnerConfig:
     # With prepack and the native kernels: a second weight copy for 1-2 row
     # decodes through the streaming kernel (layers/cpu_gemm.py).
     cpu_small_batch_gemv: bool = True
+    # CPU bf16 with the native kernels: fused q/k norm + rotary + KV store and
+    # fused SiLU-and-mul (layers/fused_attention_input.py, layers/activation.py).
+    cpu_fused_ops: bool = True
 
 
 @dataclass

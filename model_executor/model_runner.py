@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from layers.activation import SiluAndMul
 from layers.attention.base import AttentionBackend
 from layers.cpu_gemm import prepack_supported
 from layers.linear import TPContext
@@ -26,7 +27,9 @@ from model_executor.model_loader import load_model
 logger = logging.getLogger(__name__)
 
 
-def create_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+def create_attention_backend(
+    name: str, device: torch.device, dtype: torch.dtype, *, flashinfer_workspace_mb: int
+) -> AttentionBackend:
     """The backend named by --attention-backend; GPU-only ones are imported
     only when chosen, so a CPU install never needs triton kernels or flashinfer."""
     if name == "torch_native":
@@ -44,7 +47,7 @@ def create_attention_backend(name: str, device: torch.device, dtype: torch.dtype
     if name == "flashinfer":
         from layers.attention.flashinfer_backend import FlashInferAttnBackend
 
-        return FlashInferAttnBackend(device, dtype)
+        return FlashInferAttnBackend(device, dtype, flashinfer_workspace_mb)
     raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
 
 
@@ -101,10 +104,21 @@ class ModelRunner:
             self.device,
         )
         self.kv_pool.zero_padding(config.page_size)
-        self.attn_backend = create_attention_backend(config.attention_backend, self.device, self.dtype)
+        self.attn_backend = create_attention_backend(
+            config.attention_backend, self.device, self.dtype,
+            flashinfer_workspace_mb=config.flashinfer_workspace_mb,
+        )
+        if not config.cpu_fused_ops:
+            self._use_unfused_ops()
         self.cuda_graph_runner = None
         if self.device.type == "cuda" and not config.disable_cuda_graph:
-            if self.attn_backend.supports_cuda_graph:
+            if config.tp_size > 1:
+                # ServerArgs turns graphs off for TP (runtime.server_args.cuda_graph_off_reason:
+                # NCCL collectives in a captured graph are untested); configs built
+                # without it (benchmarks) get the same rule here.
+                if config.tp_rank == 0:
+                    logger.warning("CUDA graphs disabled with tp_size %d: decode runs eagerly", config.tp_size)
+            elif self.attn_backend.supports_cuda_graph:
                 from model_executor.cuda_graph_runner import CudaGraphRunner
 
                 self.cuda_graph_runner = CudaGraphRunner(self, config.cuda_graph_max_bs)
@@ -117,6 +131,13 @@ class ModelRunner:
             config.page_size,
             self.dtype,
         )
+
+    def _use_unfused_ops(self) -> None:
+        """The torch ops instead of the fused native CPU kernels (an A/B switch)."""
+        self.attn_backend.accepts_stored_kv = False  # no fused rope + KV store
+        for module in self.model.modules():
+            if isinstance(module, SiluAndMul):
+                module.use_native = False
 
     def _kv_capacity(self) -> int:
         """Token capacity: --max-total-tokens, else what free memory allows."""

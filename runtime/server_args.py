@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import sys
 import types
 import typing
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from managers.scheduler_config import SchedulerConfig
     from model_executor.model_config import ModelRunnerConfig
+
+logger = logging.getLogger(__name__)
 
 
 def _arg(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -79,6 +82,11 @@ class ServerArgs:
         "lpm", "Order of the waiting queue.", ("fcfs", "lpm", "dfs-weight")
     )
     disable_radix_cache: bool = _arg(False, "Do not share prefixes between requests.")
+    enable_mixed_chunk: bool = _arg(
+        False,
+        "Run the running decodes inside prefill batches (MIXED) instead of pausing them "
+        "while a prefill runs: steadier TPOT, slower TTFT.",
+    )
     disable_overlap: bool = _arg(False, "Use the plain (non-overlapped) scheduler loop.")
     enable_cpu_overlap: bool = _arg(
         False,
@@ -87,8 +95,15 @@ class ServerArgs:
     )
 
     # Kernels.
-    disable_cuda_graph: bool = _arg(False, "Run decode without CUDA graphs.")
+    disable_cuda_graph: bool = _arg(
+        False, "Run decode without CUDA graphs (always so on CUDA with --tp-size > 1, for now)."
+    )
     cuda_graph_max_bs: int = _arg(64, "Largest decode batch size captured in a CUDA graph.")
+    flashinfer_workspace_mb: int = _arg(
+        256,
+        "flashinfer backend: its float workspace, in MiB. Raise it if flashinfer reports "
+        "'Increase the workspace buffer size' (models with many query heads per KV head).",
+    )
     attention_backend: str | None = _arg(
         None,
         "Attention kernels; default: cpu (native kernels, torch_native if they "
@@ -157,11 +172,19 @@ class ServerArgs:
         if self.attention_backend is None:
             self.attention_backend = default_attention_backend(self.device, self.dtype)
         self._validate()
+        reason = cuda_graph_off_reason(self.device, self.tp_size)
+        if reason is not None and not self.disable_cuda_graph:
+            # A warning: logging is configured only after the flags are parsed,
+            # and until then Python's last-resort handler prints warnings (not
+            # info) to stderr.
+            logger.warning("CUDA graphs disabled: %s", reason)
+            self.disable_cuda_graph = True
 
     def _validate(self) -> None:
         for name in (
             "page_size", "max_running_requests", "max_prefill_tokens",
             "cuda_graph_max_bs", "tp_size", "nnodes", "stream_interval", "dist_timeout",
+            "flashinfer_workspace_mb",
         ):
             value = getattr(self, name)
             if value < 1:
@@ -281,6 +304,7 @@ class ServerArgs:
             attention_backend=self.attention_backend,
             disable_cuda_graph=self.disable_cuda_graph,
             cuda_graph_max_bs=self.cuda_graph_max_bs,
+            flashinfer_workspace_mb=self.flashinfer_workspace_mb,
             tp_size=self.tp_size,
             tp_rank=tp_rank,
             random_seed=self.random_seed,
@@ -295,6 +319,7 @@ class ServerArgs:
             chunked_prefill_size=self.chunked_prefill_size if self.chunked_prefill_enabled else None,
             schedule_policy=self.schedule_policy,
             disable_radix_cache=self.disable_radix_cache,
+            enable_mixed_chunk=self.enable_mixed_chunk,
             enable_overlap=not self.disable_overlap
             and (self.device != "cpu" or self.enable_cpu_overlap),
             max_queued_requests=self.max_queued_requests,
@@ -318,6 +343,22 @@ def _detect_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cuda_graph_off_reason(device: str, tp_size: int) -> str | None:
+    """Why decode must run without CUDA graphs on this setup, or None.
+
+    TP on CUDA: the layers' all-reduce / all-gather are plain torch.distributed
+    NCCL calls, and capturing those in a CUDA graph is untested here (SGLang
+    and vLLM capture their own pynccl / custom all-reduce under a graph-capture
+    context instead). There is no flag to force graphs back on until that has
+    run on several GPUs."""
+    if device == "cuda" and tp_size > 1:
+        return (
+            f"--tp-size {tp_size} on CUDA: capturing NCCL collectives in CUDA graphs is "
+            "not supported yet; decode runs eagerly"
+        )
+    return None
 
 
 def default_attention_backend(device: str, dtype: str) -> str:

@@ -34,6 +34,7 @@ def make_scheduler(
     tokenizer=None,
     eos: frozenset[int] = frozenset(),
     max_queued: int | None = None,
+    mixed: bool = True,
 ) -> Scheduler:
     runner_config = ModelRunnerConfig(
         model_path=str(path),
@@ -49,6 +50,7 @@ def make_scheduler(
         disable_radix_cache=not radix,
         enable_overlap=overlap,
         max_queued_requests=max_queued,
+        enable_mixed_chunk=mixed,
     )
     return Scheduler(runner_config, config, tokenizer=tokenizer, eos_token_ids=eos)
 

@@ -49,6 +49,9 @@ def _outputs(outcomes):
         dict(radix=False, overlap=True),
         dict(policy="fcfs"),
         dict(policy="dfs-weight", overlap=True),
+        dict(mixed=False),
+        dict(mixed=False, chunk=16, overlap=True),
+        dict(mixed=False, page_size=16, chunk=32),
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain",
 )
@@ -80,6 +83,32 @@ def test_requests_arriving_while_others_decode(tiny_qwen3, one_at_a_time):
     assert all(b > a for a, b in zip(progress[started + 2 :], progress[started + 3 :]))
     assert_no_leak(sched)
     sched.shutdown()
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "prefill-alone"])
+def test_mixed_chunk_decides_whether_decodes_ride_along(tiny_qwen3, mixed):
+    """--enable-mixed-chunk: a running decode advances in the step that
+    prefills a new prompt; without it the prefill runs alone and the decode
+    waits that step. Outputs are the same either way."""
+    prompts = make_prompts([20, 30], VOCAB, seed=5)
+    sched = make_scheduler(tiny_qwen3, mixed=mixed)
+    outcomes: dict[str, Outcome] = {}
+    sched.add_request(TokenizedGenerateReq("a", prompts[0], greedy(10)))
+    collect(outcomes, sched.step())  # a's prefill (its first token)
+    collect(outcomes, sched.step())  # a decodes
+    before = len(outcomes["a"].output_ids)
+    sched.add_request(TokenizedGenerateReq("b", prompts[1], greedy(4)))
+    collect(outcomes, sched.step())  # b's prefill, with or without a
+    assert len(outcomes["b"].output_ids) == 1
+    assert len(outcomes["a"].output_ids) == before + (1 if mixed else 0)
+    for out in sched.run_until_idle():
+        collect(outcomes, out)
+    assert_no_leak(sched)
+    sched.shutdown()
+    alone = make_scheduler(tiny_qwen3, radix=False)
+    for rid, ids, n in (("a", prompts[0], 10), ("b", prompts[1], 4)):
+        assert run(alone, [(rid, ids, greedy(n))])[rid].output_ids == outcomes[rid].output_ids
+    alone.shutdown()
 
 
 def test_shared_prefix_is_cached(tiny_qwen3):

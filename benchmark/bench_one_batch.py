@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 ABLATIONS = {
     "prepack": ({"cpu_weight_prepack": False}, None),
     "small-batch-gemv": ({"cpu_small_batch_gemv": False}, None),
+    "fused-ops": ({"cpu_fused_ops": False}, None),
     "staging": ({}, 0),
     "cuda-graph": ({"disable_cuda_graph": True}, None),
 }

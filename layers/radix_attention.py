@@ -23,7 +23,14 @@ class RadixAttention(nn.Module):
         self.layer_id = layer_id
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        batch: ForwardBatch,
+        save_kv_cache: bool = True,
     ) -> torch.Tensor:
+        """k and v may be None only with save_kv_cache=False: this step's K/V
+        are already in the pool (see `AttentionBackend.accepts_stored_kv`)."""
         assert batch.attn_backend is not None, "the model runner sets the attention backend"
-        return batch.attn_backend.forward(q, k, v, self, batch)
+        return batch.attn_backend.forward(q, k, v, self, batch, save_kv_cache)

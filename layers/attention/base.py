@@ -65,6 +65,12 @@ class AttentionBackend(ABC):
         save_kv_cache: bool = True,
     ) -> torch.Tensor: ...
 
+    # True when forward(q, None, None, ..., save_kv_cache=False) works because
+    # the model already wrote this step's K/V into the pool itself (the fused
+    # CPU rope + store kernel, layers/fused_attention_input.py): the backend
+    # reads K/V only from the pool.
+    accepts_stored_kv: bool = False
+
     # CUDA-graph hooks: backends that can replay captured decode override these.
     supports_cuda_graph: bool = False
 

@@ -38,6 +38,7 @@ class CpuAttnBackend(AttentionBackend):
 
             logger.warning("cpu attention backend: native kernels unavailable, running torch_native")
             self.fallback = TorchNativeAttnBackend()
+        self.accepts_stored_kv = self.fallback is None
         # Per-step host tensors the kernel reads (it schedules on the CPU anyway).
         self.rows: torch.Tensor | None = None
         self.prefix_lens: torch.Tensor | None = None

@@ -13,6 +13,7 @@ the tests that check the two agree).
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -26,7 +27,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("bindings.cpp", "attention.cpp", "gemm.cpp", "norm.cpp")
+_SOURCES = ("bindings.cpp", "attention.cpp", "gemm.cpp", "norm.cpp", "rope.cpp", "activation.cpp")
+_HEADERS = ("numerics.h",)  # not compiled on their own, but part of the build's identity
 _DISABLE_ENV = "RADIXSERVE_NO_NATIVE_KERNELS"
 
 
@@ -54,22 +56,34 @@ def _build_dir(sources: list[pathlib.Path]) -> pathlib.Path:
     return cache / "radixserve" / "cpu_kernels" / digest.hexdigest()[:16]
 
 
+def build_dir() -> pathlib.Path:
+    """Where this checkout's kernels are built for this machine."""
+    here = pathlib.Path(__file__).parent
+    return _build_dir([here / name for name in _SOURCES + _HEADERS])
+
+
 def build(verbose: bool = False) -> ModuleType:
     """Compile (or load the cached build of) the extension; raises on failure."""
     from torch.utils.cpp_extension import load
 
-    here = pathlib.Path(__file__).parent
-    sources = [here / name for name in _SOURCES]
-    build_dir = _build_dir(sources)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    return load(
-        name="radixserve_cpu_kernels",
-        sources=[str(p) for p in sources],
-        build_directory=str(build_dir),
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
-        extra_ldflags=["-fopenmp"],
-        verbose=verbose,
-    )
+    sources = [pathlib.Path(__file__).parent / name for name in _SOURCES]
+    folder = build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    # torch guards a build with a plain `lock` file, which a process killed
+    # mid-build leaves behind; every later process would then wait on it
+    # forever. An flock is dropped by the kernel when its holder dies: take
+    # it, and any `lock` file found while holding it is such a leftover.
+    with open(folder / "radixserve.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)
+        return load(
+            name="radixserve_cpu_kernels",
+            sources=[str(p) for p in sources],
+            build_directory=str(folder),
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+            extra_ldflags=["-fopenmp"],
+            verbose=verbose,
+        )
 
 
 @functools.cache

@@ -14,6 +14,8 @@
 // because a prefill block costs far more than a decode row.
 
 #include <torch/extension.h>
+
+#include "numerics.h"
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512BF16__)
@@ -30,6 +32,8 @@
 
 namespace {
 
+using radixserve::exp_nonpositive;
+
 constexpr int kQueryBlock = 32;
 constexpr int kKeyBlock = 64;
 
@@ -42,26 +46,6 @@ inline float widen(at::BFloat16 x) {
 }
 inline void narrow(float x, float* out) { *out = x; }
 inline void narrow(float x, at::BFloat16* out) { *out = at::BFloat16(x); }
-
-// exp for x <= 0 (softmax arguments after subtracting the row max), written
-// so the compiler vectorises it: x = n ln2 + r, 2^n from the exponent bits,
-// e^r from a degree-6 polynomial (relative error ~2e-7 on [-ln2/2, ln2/2]).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  float p = 1.3981999507e-03f;
-  p = p * r + 8.3334519073e-03f;
-  p = p * r + 4.1665795894e-02f;
-  p = p * r + 1.6666665459e-01f;
-  p = p * r + 5.0000001201e-01f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 struct Task {
   int32_t seq;

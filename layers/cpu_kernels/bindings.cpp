@@ -12,6 +12,12 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const c10::optional<torch::T
                             const torch::Tensor& weight, double eps);
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed,
                           const c10::optional<torch::Tensor>& bias, int64_t out_features);
+torch::Tensor qk_norm_rope_store(const torch::Tensor& qkv, const c10::optional<torch::Tensor>& q_weight,
+                                 const c10::optional<torch::Tensor>& k_weight, double eps,
+                                 const torch::Tensor& cos, const torch::Tensor& signed_sin,
+                                 torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
+                                 int64_t num_heads, int64_t num_kv_heads);
+torch::Tensor silu_and_mul_bf16(const torch::Tensor& x);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention,
@@ -23,4 +29,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_bf16", &rms_norm_bf16,
         "RMSNorm of bf16 rows, adding the residual first (in place) when given",
         pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("eps"));
+  m.def("qk_norm_rope_store", &qk_norm_rope_store,
+        "From fused qkv rows: per-head q/k RMSNorm (optional), rotary, k and v written to the KV cache; "
+        "returns the queries",
+        pybind11::arg("qkv"), pybind11::arg("q_weight"), pybind11::arg("k_weight"), pybind11::arg("eps"),
+        pybind11::arg("cos"), pybind11::arg("signed_sin"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
+        pybind11::arg("slots"), pybind11::arg("num_heads"), pybind11::arg("num_kv_heads"));
+  m.def("silu_and_mul_bf16", &silu_and_mul_bf16, "[T, 2d] = [gate | up] bf16 -> silu(gate) * up, [T, d]");
 }

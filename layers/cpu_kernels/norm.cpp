@@ -12,28 +12,13 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "numerics.h"
+
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
-namespace {
-
-inline float widen(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float out;
-  std::memcpy(&out, &wide, sizeof(out));
-  return out;
-}
-
-inline uint16_t narrow(float value) {  // round to nearest even, as a bf16 cast does
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  if ((bits & 0x7F800000u) == 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | ((bits & 0xFFFF) ? 0x40 : 0));
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-}  // namespace
+using radixserve::narrow;
+using radixserve::widen;
 
 // x [T, H] bf16; residual [T, H] bf16 or None (then x is normalised as is);
 // weight [H]. With a residual: residual += x (in place, rounded to bf16) and

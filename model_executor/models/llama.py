@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layers.activation import SiluAndMul
+from layers.fused_attention_input import rope_and_store
 from layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from layers.layernorm import RMSNorm
 from layers.checkpoint_tensor import as_tensor
@@ -95,6 +96,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope: RopeTables, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
+        norms = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
+        q = rope_and_store(qkv, rope, self.attn, batch, *norms)
+        if q is not None:  # the native kernel did all of the below, K/V stored
+            return self.o_proj(self.attn(q, None, None, batch, save_kv_cache=False))
         tokens = qkv.shape[0]
         heads, head_dim = self.num_heads, self.head_dim
         # q and k are rotated as one [T, Hq + Hkv, D] tensor: half the ops.

@@ -1,15 +1,17 @@
 """The HTTP server: FastAPI on uvicorn (uvloop), orjson bodies.
 
 Native routes (SGLang's contract): /generate (single, batch, SSE stream with
-cumulative text), /health, /health_generate, /get_model_info,
-/get_server_info, /flush_cache, /abort_request, /metrics. OpenAI routes
-come from runtime/openai_api.py.
+cumulative text), /health, /health_generate, /flush_cache, /abort_request,
+/metrics; the info routes (/model_info, /server_info, /get_load, and the
+``get_`` aliases) come from runtime/info_routes.py, the OpenAI routes from
+runtime/openai_api.py. Bodies are read by hand (see runtime/request_schema.py
+for why, and for how /openapi.json still describes them); which top-level
+/generate fields are taken is runtime/sglang_fields.py's business.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import socket
@@ -31,10 +33,13 @@ from managers.tokenizer_manager import (
 )
 from runtime.asgi_guards import ApiKeyMiddleware, BodySizeLimitMiddleware, DrainMiddleware
 from runtime.graceful_shutdown import DrainingServer, DrainState
+from runtime.info_routes import register_info_routes
 from runtime.launch import ChildProcesses, launch_children
 from runtime.metrics import ServerMetrics
 from runtime.openai_api import openai_error_body, register_openai_routes
+from runtime.request_schema import AbortRequestBody, GenerateRequest, add_request_schemas
 from runtime.server_args import ServerArgs
+from runtime.sglang_fields import WarnOncePerName, split_generate_body
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +50,6 @@ class ORJSONResponse(Response):
         return orjson.dumps(content)
 
 
-GENERATE_FIELDS = {f.name for f in dataclasses.fields(GenerateReqInput)}
 OPEN_PATHS = ("/health",)  # reachable without the API key
 # Routes that start generation: refused (503) once a shutdown has begun.
 WORK_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
@@ -141,27 +145,9 @@ def create_app(server_args: ServerArgs, children: ChildProcesses, drain: DrainSt
             return Response(status_code=503)
         return Response(status_code=200)
 
-    @app.get("/get_model_info")
-    async def model_info() -> dict:
-        return {
-            "model_path": server_args.model_path,
-            "tokenizer_path": server_args.tokenizer_path,
-            "served_model_name": server_args.served_model_name,
-            "context_length": ready.context_len,
-            "vocab_size": ready.vocab_size,
-            "is_generation": True,
-        }
+    register_info_routes(app, server_args, children, tm)
 
-    @app.get("/get_server_info")
-    async def server_info() -> dict:
-        states = await tm().get_internal_states()
-        return {
-            **dataclasses.asdict(server_args),
-            "max_total_num_tokens": ready.max_total_num_tokens,
-            "internal_states": states,
-            "processes": {name: proc.pid for name, proc in children.processes.items()},
-        }
-
+    # POST only (SGLang also answers GET): a side effect should not hide behind a GET.
     @app.post("/flush_cache")
     async def flush_cache() -> Response:
         ok = await tm().flush_cache()
@@ -186,6 +172,8 @@ def create_app(server_args: ServerArgs, children: ChildProcesses, drain: DrainSt
             metrics.update_state(s)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    warn_unknown = WarnOncePerName(logger, "/generate")
+
     @app.post("/generate")
     async def generate(request: Request) -> Response:
         body = await _json_body(request)
@@ -193,11 +181,11 @@ def create_app(server_args: ServerArgs, children: ChildProcesses, drain: DrainSt
             return body
         if not isinstance(body, dict):
             return error("the body must be a JSON object")
-        unknown = set(body) - GENERATE_FIELDS
-        if unknown:
-            return error(f"unknown field(s): {', '.join(sorted(unknown))}")
         try:
-            obj = GenerateReqInput(**body)
+            fields, unknown = split_generate_body(body)
+            if unknown:
+                warn_unknown(unknown)
+            obj = GenerateReqInput(**fields)
             stream = tm().generate_request(obj, request)
             first = await stream.__anext__()
             if obj.stream:
@@ -218,6 +206,7 @@ def create_app(server_args: ServerArgs, children: ChildProcesses, drain: DrainSt
         return ORJSONResponse(results[0] if single else results)
 
     register_openai_routes(app, tm)
+    add_request_schemas(app, {"/generate": GenerateRequest, "/abort_request": AbortRequestBody})
     return app
 
 

@@ -33,6 +33,7 @@ from runtime.openai_protocol import (
     CompletionRequest,
     SamplingFields,
 )
+from runtime.request_schema import add_request_schemas
 
 if TYPE_CHECKING:
     from managers.tokenizer_manager import TokenizerManager
@@ -143,8 +144,10 @@ def completion_to_generate(req: CompletionRequest, tm: TokenizerManager) -> Gene
 
 def chat_to_generate(req: ChatCompletionRequest, tm: TokenizerManager) -> GenerateReqInput:
     """Renders the chat template; raises ValueError (a 400) if the template rejects the messages."""
-    if tm.tokenizer is None:
-        raise ValueError("chat needs a tokenizer: this server was started with --skip-tokenizer-init")
+    if tm.tokenizer is None:  # a 400, not an AttributeError's 500
+        raise ValueError(
+            "chat completions need a tokenizer to apply the chat template, and this server was "
+            "started with --skip-tokenizer-init: send token ids to /v1/completions or /generate")
     messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
     try:
         text = tm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -416,3 +419,6 @@ def register_openai_routes(app: FastAPI, get_tm: Callable[[], TokenizerManager])
     @app.post("/v1/chat/completions")
     async def chat_completions(raw: Request) -> Response:
         return await _serve(raw, get_tm(), ChatCompletionRequest)
+
+    # Parsed by hand (parse_request) for OpenAI's error shape; described for /openapi.json here.
+    add_request_schemas(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest})

@@ -129,7 +129,6 @@ def test_abort_request_route(server):
     "body, fragment",
     [
         (b"{not json", "malformed JSON"),
-        ({"text": "x", "bogus": 1}, "unknown field"),
         ({"text": "x", "sampling_params": {"temperature": -1}}, "temperature"),
         ({"text": "x", "sampling_params": {"top_p": 1.5}}, "top_p"),
         ({"text": "x", "sampling_params": {"n": 0}}, "n must be"),
@@ -173,6 +172,123 @@ def test_info_routes(server):
     assert "radixserve_requests_total" in metrics and "radixserve_time_to_first_token_seconds_bucket" in metrics
 
 
+# Every top-level field of SGLang's GenerateReqInput (python/sglang/srt/managers/
+# io_struct.py) at its default, written out here rather than imported from the
+# server, so that a field the server forgets fails this test.
+SGLANG_GENERATE_DEFAULTS = {
+    "rid": None, "session_id": None, "text": None, "input_ids": None, "input_embeds": None,
+    "image_data": None, "video_data": None, "audio_data": None, "mm_hashes": None,
+    "mm_content_hashes": None, "use_audio_in_video": False, "video_config": None,
+    "sampling_params": None, "return_logprob": None, "logprob_start_len": None,
+    "top_logprobs_num": None, "token_ids_logprob": None, "return_sampling_mask": None,
+    "return_text_in_logprobs": False, "return_flat_raw_top_logprobs": False,
+    "return_flat_raw_top_logprobs_b64": False, "stream": False, "log_metrics": True,
+    "return_hidden_states": False, "return_routed_experts": False, "routed_experts_start_len": 0,
+    "return_indexer_topk": False, "modalities": None, "session_params": None, "lora_path": None,
+    "lora_id": None, "custom_logit_processor": None, "positional_embed_overrides": None,
+    "bootstrap_host": None, "bootstrap_port": None, "bootstrap_room": None,
+    "bootstrap_pair_key": None, "decode_tp_size": None, "routed_dp_rank": None,
+    "data_parallel_rank": None, "disagg_prefill_dp_rank": None, "kv_router_hint": None,
+    "routing_key": None, "conversation_id": None, "http_worker_ipc": None, "background": False,
+    "require_reasoning": False, "max_thinking_tokens": None, "priority": None, "extra_key": None,
+    "no_logs": False, "custom_labels": None, "return_bytes": False, "return_entropy": False,
+    "return_prompt_token_ids": False, "external_trace_header": None, "received_time": None,
+    "need_wait_for_mm_inputs": None, "num_items_assigned": None, "encoder_urls": None,
+    "max_dynamic_patch": None, "min_dynamic_patch": None, "image_max_dynamic_patch": None,
+    "video_max_dynamic_patch": None, "images_config": None, "multi_item_delimiter_indices": None,
+    "cache_salt": None,
+}
+
+
+def test_generate_takes_every_sglang_field_at_its_default(server):
+    body = {**SGLANG_GENERATE_DEFAULTS, "text": "Hello there", "sampling_params": greedy(4)}
+    r = post(server, "/generate", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["meta_info"]["completion_tokens"] == 4
+    # SGLang's bench_serving (--backend sglang) posts exactly this.
+    bench = {"text": "Hello there", "sampling_params": {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True},
+             "stream": True, "return_logprob": False, "logprob_start_len": -1, "lora_path": None,
+             "return_routed_experts": False, "image_data": None}
+    with requests.post(server.url + "/generate", json=bench, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        chunks = read_sse(r)
+    assert chunks[-1]["meta_info"]["completion_tokens"] == 4
+    warned = [line for line in server.log().splitlines() if "ignoring unknown field" in line]
+    assert not [name for name in SGLANG_GENERATE_DEFAULTS if any(repr(name) in line for line in warned)]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lora_path", "x"), ("lora_path", ["x"]), ("logprob_start_len", 0), ("image_data", "http://a/b.png"),
+    ("bootstrap_room", 7), ("return_hidden_states", True), ("data_parallel_rank", 1),
+    ("data_parallel_rank", True), ("session_params", {"id": "s"}), ("custom_logit_processor", "{}"),
+])
+def test_an_sglang_feature_we_lack_is_a_400_naming_it(server, field, value):
+    r = post(server, "/generate", {"text": "x", "sampling_params": greedy(2), field: value})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith(f"{field} is not supported"), message
+
+
+def test_unknown_top_level_fields_are_ignored_and_logged_once(server):
+    for _ in range(3):
+        r = post(server, "/generate", {"text": "x", "sampling_params": greedy(2), "zz_not_a_field": 1, "model": "m"})
+        assert r.status_code == 200, r.text
+        assert r.json()["meta_info"]["completion_tokens"] == 2
+    warnings = [line for line in server.log().splitlines() if "zz_not_a_field" in line]
+    assert len(warnings) == 1 and "ignoring unknown field" in warnings[0], warnings
+
+
+def test_sglang_route_names_answer_like_the_get_forms(server):
+    def get(path):
+        r = requests.get(server.url + path, timeout=10)
+        assert r.status_code == 200, (path, r.text)
+        return r.json()
+
+    model_info = get("/model_info")
+    assert model_info == get("/get_model_info")
+    assert model_info["model_type"] == "qwen3" and model_info["architectures"] == ["Qwen3ForCausalLM"]
+    new, old = get("/server_info"), get("/get_server_info")
+    assert set(new) == set(old) and new["version"] and new["tp_size"] == 1
+    assert {k: v for k, v in new.items() if k != "internal_states"} == {k: v for k, v in old.items() if k != "internal_states"}
+    (load,) = get("/get_load")
+    assert set(load) == {"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"} and load["dp_rank"] == 0
+    assert all(isinstance(v, int) and v >= 0 for v in load.values())
+
+
+def test_openapi_describes_the_request_bodies(server):
+    from managers.request_checks import SAMPLING_FIELDS
+
+    doc = requests.get(server.url + "/openapi.json", timeout=10).json()
+    schemas = doc["components"]["schemas"]
+    bodies = {}
+    for path in ("/generate", "/v1/completions", "/v1/chat/completions", "/abort_request"):
+        ref = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        bodies[path] = schemas[ref.rsplit("/", 1)[1]]
+    assert {"text", "input_ids", "sampling_params", "rid", "stream", "lora_path", "logprob_start_len",
+            "bootstrap_room"} <= set(bodies["/generate"]["properties"])
+    assert set(schemas["SamplingParamsBody"]["properties"]) == SAMPLING_FIELDS
+    assert schemas["SamplingParamsBody"]["additionalProperties"] is False  # unknown keys are a 400
+    assert {"prompt", "max_tokens", "logprobs"} <= set(bodies["/v1/completions"]["properties"])
+    assert {"messages", "max_completion_tokens"} <= set(bodies["/v1/chat/completions"]["properties"])
+    assert bodies["/abort_request"]["required"] == ["rid"]
+    for path in ("/flush_cache", "/health", "/model_info", "/server_info", "/get_load"):
+        assert path in doc["paths"], path
+
+
+def test_chat_without_a_tokenizer_is_an_openai_400(tiny_qwen3, tmp_path):
+    srv = start_server(tiny_qwen3, tmp_path, "--skip-tokenizer-init")
+    try:
+        r = post(srv, "/v1/chat/completions", {"model": "default", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+        assert "tokenizer" in err["message"] and "chat template" in err["message"] and "--skip-tokenizer-init" in err["message"]
+        ids = post(srv, "/v1/completions", {"model": "default", "prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0})
+        assert ids.status_code == 200 and ids.json()["usage"]["completion_tokens"] == 2
+    finally:
+        assert srv.stop() == 0
+
+
 def test_api_key_is_enforced(tiny_qwen3, tmp_path):
     srv = start_server(tiny_qwen3, tmp_path, "--api-key", "sekret")
     try:
@@ -184,6 +300,9 @@ def test_api_key_is_enforced(tiny_qwen3, tmp_path):
         assert post(srv, "/generate", {"text": "x", "sampling_params": greedy(1)}, headers=good).status_code == 200
         assert requests.get(srv.url + "/v1/models", headers=good, timeout=10).status_code == 200
         assert requests.get(srv.url + "/v1/models", timeout=10).status_code == 401
+        # Server settings are reported, the key itself is not.
+        info = requests.get(srv.url + "/server_info", headers=good, timeout=10)
+        assert info.status_code == 200 and "sekret" not in info.text and info.json()["api_key"] == "<set>"
     finally:
         srv.stop()
 

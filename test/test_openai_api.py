@@ -246,6 +246,12 @@ def test_chat_template_errors_become_value_errors(tm):
         chat_to_generate(chat(), strict_tm)
 
 
+def test_chat_without_a_tokenizer_says_why(tm):
+    no_tokenizer = SimpleNamespace(tokenizer=None, served_model_name="m", context_len=2048)
+    with pytest.raises(ValueError, match="need a tokenizer to apply the chat template.*--skip-tokenizer-init"):
+        chat_to_generate(chat(), no_tokenizer)
+
+
 # --------------------------------------------------------------------- responses
 
 
@@ -471,3 +477,14 @@ def test_routes_answer_bad_requests_with_openai_400(client, path, payload, code)
     assert resp.status_code == 400
     err = resp.json()["error"]
     assert err["type"] == "invalid_request_error" and err["code"] == code and err["message"]
+
+
+def test_openapi_describes_both_request_bodies(client):
+    doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    for path, name in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+        body = doc["paths"][path]["post"]["requestBody"]
+        assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+        assert name in schemas
+    assert "prompt" in schemas["CompletionRequest"]["required"]
+    assert "ChatMessage" in schemas and "messages" in schemas["ChatCompletionRequest"]["required"]

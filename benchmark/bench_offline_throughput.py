@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from layers.attention.registry import attention_backend_names
 from runtime.engine import Engine
 
 Workload = list[tuple[list[int], int, int]]  # (input ids, max_new_tokens, shareable prefix length)
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument("--disable-overlap", action="store_true")
     p.add_argument("--enable-cpu-overlap", action="store_true", help="overlap scheduling on CPU (off by default)")
-    p.add_argument("--attention-backend", default=None, help="default: the server's (cpu on a CPU)")
+    p.add_argument("--attention-backend", default=None, choices=attention_backend_names(),
+                   help="default: the server's (cpu on a CPU)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights from config.json alone (transformers then gets its own random init)")
     p.add_argument("--compare", choices=["radix-cache", "overlap", "attention"], default=None,

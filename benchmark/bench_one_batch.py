@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from layers.attention.registry import attention_backend_names
 from model_executor.batch_runner import BatchRunner
+from runtime.demo_model import ARCHS
 from model_executor.model_config import ModelRunnerConfig
 from model_executor.model_runner import ModelRunner
 
@@ -141,14 +143,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", default=None, help="checkpoint dir; default: the small demo model")
-    parser.add_argument("--demo-arch", default="qwen3", choices=["qwen3", "qwen2", "llama"])
+    parser.add_argument("--demo-arch", default="qwen3", choices=sorted(ARCHS))
     parser.add_argument("--demo-size", default="small", choices=["tiny", "small"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--attention-backend", default=None,
+    parser.add_argument("--attention-backend", default=None, choices=attention_backend_names(),
                         help="default: the server's (cpu on a CPU, flashinfer or triton on CUDA)")
     parser.add_argument("--page-size", type=int, default=1)
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.cpu_gemm import CpuLinearWeight, pack_cpu_linear
 from layers.linear import Loaded, TPContext
+from layers.quantization import DenseConfig, QuantizationConfig
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -47,21 +47,22 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Same sharding as the embedding, so tied weights can share one tensor."""
+    """Same sharding as the embedding, so tied weights can share one tensor.
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPContext) -> None:
+    Kept dense under every quantization config (its method is the config's
+    `unquantized_method`: plain or CPU-packed), and a packing method keeps
+    the plain tensor too, since it may be the embedding's.
+    """
+
+    weight_is_shared = True
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPContext,
+                 quant_config: QuantizationConfig | None = None) -> None:
         super().__init__(vocab_size, hidden_size, tp)
-        self.packed_weight: CpuLinearWeight | None = None
-
-    def prepack(self, batch_size_hint: int, small_batch_gemv: bool = True) -> None:
-        # Packed copies; the plain weight stays (it may be the tied embedding).
-        self.packed_weight = pack_cpu_linear(self.weight, batch_size_hint, small_batch_gemv)
+        self.linear_method = (quant_config or DenseConfig()).unquantized_method()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None:
-            logits = self.tp.gather(self.packed_weight(hidden, None))
-        else:
-            logits = self.tp.gather(F.linear(hidden, self.weight))
+        logits = self.tp.gather(self.linear_method.apply(self, hidden, None))
         return logits[..., : self.vocab_size]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

@@ -12,6 +12,11 @@ Each layer owns the slice of the full weight that its TP rank computes and a
   all-reduce (the caller's `TPContext`).
 
 With tp_size 1 every slice is the whole tensor.
+
+The weight itself belongs to the layer's `LinearMethod` (layers/quantization):
+the method creates it, tagged with the dim that is sharded (`output_dim` /
+`input_dim`), and the loaders here cut shards along those tags, so a method's
+own tensor layouts shard through the same code.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layers.checkpoint_tensor import LazyCheckpointTensor, as_tensor
-from layers.cpu_gemm import CpuLinearWeight, pack_cpu_linear
+from layers.quantization import DenseConfig, QuantizationConfig
 
 # A checkpoint tensor as the weight loaders receive it: read or still on disk.
 Loaded = torch.Tensor | LazyCheckpointTensor
@@ -73,28 +78,41 @@ def _copy_checked(param: torch.Tensor, loaded: Loaded, name: str) -> None:
 
 
 class LinearBase(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        tp: TPContext,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
         super().__init__()
         self.tp = tp
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.in_features, self.out_features = in_features, out_features  # this rank's shard
+        self.linear_method = (quant_config or DenseConfig()).linear_method(prefix)
+        self.linear_method.create_weights(self, in_features, out_features, torch.get_default_dtype())
         self.bias = (
             nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         )
-        self.packed_weight: CpuLinearWeight | None = None
-
-    def prepack(self, batch_size_hint: int, small_batch_gemv: bool = True) -> None:
-        """Switch to packed copies of the weight (CPU bf16; see
-        layers/cpu_gemm.py). Call after loading: the plain weight is dropped."""
-        self.packed_weight = pack_cpu_linear(self.weight, batch_size_hint, small_batch_gemv)
-        self.weight.data = torch.empty(0, dtype=self.weight.dtype)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed_weight is not None:
-            return self.packed_weight(x, bias)
-        return F.linear(x, self.weight, bias)
+        return self.linear_method.apply(self, x, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
+
+
+def _output_dim(param: torch.Tensor) -> int:
+    return getattr(param, "output_dim", 0)  # a bias has only the output dim
+
+
+def _narrow_output(layer: LinearBase, param: torch.Tensor, offset: int, size: int) -> torch.Tensor:
+    """The part of `param` holding output features [offset, offset + size),
+    in the tensor's own units (a packed format stores several per element)."""
+    dim = _output_dim(param)
+    per_feature = param.shape[dim] / layer.out_features
+    return param.data.narrow(dim, round(offset * per_feature), round(size * per_feature))
 
 
 class ReplicatedLinear(LinearBase):
@@ -103,26 +121,30 @@ class ReplicatedLinear(LinearBase):
 
 
 class ColumnParallelLinear(LinearBase):
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext) -> None:
-        super().__init__(in_features, _divide(out_features, tp.size, "output features"), bias, tp)
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        super().__init__(in_features, _divide(out_features, tp.size, "output features"), bias, tp,
+                         quant_config, prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
-        rows = param.shape[0]
-        piece = _take_shard(loaded, 0, self.tp.rank, rows, rows * self.tp.size, "column-parallel linear")
+        dim = _output_dim(param)
+        size = param.shape[dim]
+        piece = _take_shard(loaded, dim, self.tp.rank, size, size * self.tp.size, "column-parallel linear")
         _copy_checked(param, piece, "column-parallel linear")
 
 
 class MergedColumnParallelLinear(LinearBase):
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPContext) -> None:
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPContext,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         self.shard_sizes = [_divide(n, tp.size, "output features") for n in out_sizes]
-        super().__init__(in_features, sum(self.shard_sizes), bias, tp)
+        super().__init__(in_features, sum(self.shard_sizes), bias, tp, quant_config, prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: int) -> None:
-        size = self.shard_sizes[shard_id]
-        offset = sum(self.shard_sizes[:shard_id])
+        target = _narrow_output(self, param, sum(self.shard_sizes[:shard_id]), self.shard_sizes[shard_id])
+        dim, size = _output_dim(param), target.shape[_output_dim(param)]
         what = f"merged linear shard {shard_id}"
-        piece = _take_shard(loaded, 0, self.tp.rank, size, size * self.tp.size, what)
-        _copy_checked(param.data.narrow(0, offset, size), piece, what)
+        piece = _take_shard(loaded, dim, self.tp.rank, size, size * self.tp.size, what)
+        _copy_checked(target, piece, what)
 
 
 class QKVParallelLinear(LinearBase):
@@ -134,6 +156,8 @@ class QKVParallelLinear(LinearBase):
         num_kv_heads: int,
         bias: bool,
         tp: TPContext,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp.size, "attention heads")
@@ -147,7 +171,7 @@ class QKVParallelLinear(LinearBase):
             self.kv_replicas = _divide(tp.size, num_kv_heads, "tp_size over KV heads")
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
-        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, tp)
+        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, tp, quant_config, prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: str) -> None:
         if shard_id == "q":
@@ -156,21 +180,26 @@ class QKVParallelLinear(LinearBase):
             offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
             size, rank = self.kv_size, self.tp.rank // self.kv_replicas
             shards = self.tp.size // self.kv_replicas
+        target = _narrow_output(self, param, offset, size)
+        dim = _output_dim(param)
         what = f"qkv shard {shard_id}"
-        piece = _take_shard(loaded, 0, rank, size, size * shards, what)
-        _copy_checked(param.data.narrow(0, offset, size), piece, what)
+        piece = _take_shard(loaded, dim, rank, target.shape[dim], target.shape[dim] * shards, what)
+        _copy_checked(target, piece, what)
 
 
 class RowParallelLinear(LinearBase):
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext) -> None:
-        super().__init__(_divide(in_features, tp.size, "input features"), out_features, bias, tp)
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        super().__init__(_divide(in_features, tp.size, "input features"), out_features, bias, tp,
+                         quant_config, prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
-        if param.dim() == 1:  # the bias is added once, after the reduce
+        dim = getattr(param, "input_dim", None)
+        if dim is None:  # the bias (and any per-output tensor): whole, added once after the reduce
             _copy_checked(param, loaded, "row-parallel bias")
             return
-        cols = param.shape[1]
-        piece = _take_shard(loaded, 1, self.tp.rank, cols, cols * self.tp.size, "row-parallel linear")
+        size = param.shape[dim]
+        piece = _take_shard(loaded, dim, self.tp.rank, size, size * self.tp.size, "row-parallel linear")
         _copy_checked(param, piece, "row-parallel linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -87,9 +87,9 @@ def run_detokenizer_process(server_args, port_args, ready: Connection) -> None:
     exit_with_parent(port_args.socket_dir, "detokenizer")
     parent = os.getppid()
     try:
-        from transformers import AutoTokenizer
+        from managers.tokenizer_loading import load_tokenizer
 
-        detokenizer = IncrementalDetokenizer(AutoTokenizer.from_pretrained(server_args.tokenizer_path))
+        detokenizer = IncrementalDetokenizer(load_tokenizer(server_args))
         context = zmq.Context(1)
         context.setsockopt(zmq.LINGER, 0)  # never wait at exit for a reader that is gone
         recv = context.socket(zmq.PULL)

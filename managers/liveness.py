@@ -18,11 +18,11 @@ Engine returns.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import threading
 import time
-from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -30,16 +30,36 @@ PARENT_POLL_S = 0.25
 
 
 class Heartbeat:
-    """Two doubles in shared memory: [last stamp (monotonic), has work].
+    """Two doubles in a shared file mapping: [last stamp (monotonic), has work].
 
+    A small file in the server's socket directory, mapped by both sides: the
+    children are started as fresh interpreters (runtime/child_process.py), so
+    the heartbeat travels by path, not as an inherited multiprocessing array.
     CLOCK_MONOTONIC is system-wide on Linux, so stamps from the child compare
-    with `time.monotonic()` in the parent. Lock-free: one writer, and a torn
-    read of a double is not possible on the platforms we run on.
+    with `time.monotonic()` in the parent. Lock-free: one writer, and an
+    aligned 8-byte store is not torn on the platforms we run on.
     """
 
-    def __init__(self, mp_context: Any) -> None:
-        self._values = mp_context.RawArray("d", 2)
+    _SIZE = 16
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with open(path, "wb") as f:
+            f.write(bytes(self._SIZE))
+        self._map()
         self.beat(busy=False)
+
+    def _map(self) -> None:
+        with open(self.path, "r+b") as f:  # the mapping outlives the file object
+            self._mmap = mmap.mmap(f.fileno(), self._SIZE)
+        self._values = memoryview(self._mmap).cast("d")
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self._map()
 
     def beat(self, busy: bool) -> None:
         self._values[1] = 1.0 if busy else 0.0

@@ -93,10 +93,10 @@ def run_scheduler_process(
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
         os.environ.setdefault("LRU_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
         import torch
-        from transformers import AutoTokenizer
 
         from managers.schedule_batch import eos_token_ids_of
         from managers.scheduler import Scheduler
+        from managers.tokenizer_loading import load_tokenizer
         from model_executor.distributed import DistInitConfig, init_tp_group
 
         if tp_size > 1 and server_args.device == "cpu":
@@ -112,7 +112,7 @@ def run_scheduler_process(
             )
         tokenizer = None
         if not server_args.skip_tokenizer_init:
-            tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
+            tokenizer = load_tokenizer(server_args)
         scheduler = Scheduler(
             runner_config,
             server_args.scheduler_config(),

@@ -41,6 +41,7 @@ from managers.request_checks import (
     request_rids,
 )
 from managers.sampling_params import SamplingParams
+from managers.tokenizer_loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,30 @@ def _raise_if_refused(state: _ReqState) -> None:
     raise ValueError(message)
 
 
+class _StreamPacer:
+    """--stream-interval N: a streamed request yields a chunk once N more
+    tokens arrived since its last one. The first token goes out at once (time
+    to first token is what streaming is for) and the final chunk always (the
+    caller yields it on finish). Every chunk carries the cumulative text and
+    ids, so a skipped update loses nothing: the next chunk includes it.
+
+    Here rather than in the scheduler (SGLang's place) because only this side
+    knows which requests stream, and one place covers /generate, the OpenAI
+    routes and Engine alike."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self.sent: dict[str, int] = {}  # rid -> output tokens in its last chunk
+
+    def due(self, state: _ReqState) -> bool:
+        n = len(state.output_ids)
+        last = self.sent.get(state.rid)
+        if (last is None and n > 0) or (last is not None and n - last >= self.interval):
+            self.sent[state.rid] = n
+            return True
+        return False
+
+
 class TokenizerManager:
     def __init__(self, server_args: Any, port_args: Any, ready: Any) -> None:
         """`ready` is the scheduler's `SchedulerReady` report (limits of the model and pool)."""
@@ -143,9 +168,7 @@ class TokenizerManager:
         self.vocab_size = ready.vocab_size
         self.tokenizer = None
         if not server_args.skip_tokenizer_init:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
+            self.tokenizer = load_tokenizer(server_args)
         self.zmq_context = zmq.asyncio.Context(1)
         # Never block an exit on undelivered messages: the peers may be dead.
         self.zmq_context.setsockopt(zmq.LINGER, 0)
@@ -220,6 +243,7 @@ class TokenizerManager:
             self.to_scheduler.send_pyobj(msg)
         unfinished = {s.rid for s in states}
         watch = _DisconnectWatch(request)
+        pacer = _StreamPacer(self.server_args.stream_interval) if obj.stream else None
         try:
             while unfinished:
                 item = await self._next_update(queue, watch, states)
@@ -231,7 +255,7 @@ class TokenizerManager:
                 if state.finish is not None:
                     unfinished.discard(state.rid)
                     _raise_if_refused(state)
-                if obj.stream or state.finish is not None:
+                if state.finish is not None or (pacer is not None and pacer.due(state)):
                     yield state.result()
         finally:
             if unfinished:  # caller went away or failed: stop the work

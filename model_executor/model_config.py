@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 
-ATTENTION_BACKENDS = ("cpu", "torch_native", "triton", "flashinfer")
-
 
 @dataclass
 class ModelRunnerConfig:
@@ -27,7 +25,7 @@ class ModelRunnerConfig:
     max_total_tokens: int | None = None  # None: sized from free memory
     mem_fraction_static: float = 0.88
     max_running_requests: int = 256
-    attention_backend: str = "torch_native"
+    attention_backend: str = "torch_native"  # a name in layers/attention/registry.py
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 64
     # flashinfer backend only: its float workspace (why this size:
@@ -37,6 +35,8 @@ class ModelRunnerConfig:
     tp_rank: int = 0
     random_seed: int = 0
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random, from config.json alone
+    # Let transformers run code shipped with the checkpoint (auto_map in config.json).
+    trust_remote_code: bool = False
     # CPU bf16 only: pack linear weights into oneDNN's layout (layers/cpu_gemm.py).
     cpu_weight_prepack: bool = True
     # With prepack and the native kernels: a second weight copy for 1-2 row
@@ -115,6 +115,7 @@ class ModelConfig:
         dtype: str = "auto",
         context_length: int | None = None,
         device: str = "cuda",
+        trust_remote_code: bool = False,
     ) -> "ModelConfig":
         # Imported here so that importing this module stays cheap.
         from transformers import AutoConfig
@@ -127,7 +128,9 @@ class ModelConfig:
         with open(config_file) as f:
             raw = json.load(f)
         architecture = check_architectures(raw.get("architectures"), config_file)
-        hf_config = AutoConfig.from_pretrained(model_path)
+        # trust_remote_code: a checkpoint whose config class ships as code
+        # (auto_map) loads only with --trust-remote-code.
+        hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         max_pos = int(getattr(hf_config, "max_position_embeddings", 2048))
         if context_length is not None and context_length > max_pos:
             raise ValueError(

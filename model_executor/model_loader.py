@@ -14,6 +14,7 @@ from torch import nn
 
 from layers.checkpoint_tensor import LazyCheckpointTensor
 from layers.linear import TPContext
+from layers.quantization import QuantizationConfig
 from model_executor.model_config import ModelConfig
 from model_executor.models.registry import get_model_class
 
@@ -77,6 +78,7 @@ def load_model(
     tp: TPContext | None = None,
     load_format: str = "auto",
     seed: int = 0,
+    quant_config: QuantizationConfig | None = None,
 ) -> nn.Module:
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load format {load_format!r}; available: {', '.join(LOAD_FORMATS)}")
@@ -89,18 +91,27 @@ def load_model(
         previous = torch.get_default_dtype()
         torch.set_default_dtype(model_config.dtype)
         try:
-            model = model_cls(model_config.hf_config, tp or TPContext())
+            model = model_cls(model_config.hf_config, tp or TPContext(), quant_config)
         finally:
             torch.set_default_dtype(previous)
     if load_format == "dummy":
         fill_dummy_weights(model, seed)
-        return model.eval()
-    loaded = model.load_weights(iterate_weights(files))
-    missing = sorted(model.expected_checkpoint_names() - loaded)
-    if missing:
-        raise ValueError(
-            f"checkpoint {model_config.model_path!r} is missing tensors for: "
-            + ", ".join(missing[:10])
-            + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
-        )
+    else:
+        loaded = model.load_weights(iterate_weights(files))
+        missing = sorted(model.expected_checkpoint_names() - loaded)
+        if missing:
+            raise ValueError(
+                f"checkpoint {model_config.model_path!r} is missing tensors for: "
+                + ", ".join(missing[:10])
+                + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+            )
+    process_weights_after_loading(model)
     return model.eval()
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let each layer's linear method finish its weights (pack, unpack, ...)."""
+    for module in model.modules():
+        method = getattr(module, "linear_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)

@@ -12,43 +12,20 @@ import logging
 import torch
 
 from layers.activation import SiluAndMul
-from layers.attention.base import AttentionBackend
+from layers.attention.registry import backend_spec, create_attention_backend
 from layers.cpu_gemm import prepack_supported
 from layers.linear import TPContext
 from layers.logits_processor import LogitsProcessorOutput
+from layers.quantization import CpuPackOptions, DenseConfig, QuantizationConfig
 from layers.sampler import Sampler
 from mem_cache.allocator import TokenToKVPoolAllocator
 from mem_cache.memory_pool import KVPool, ReqToTokenPool
 from model_executor.distributed import TPGroup
 from model_executor.forward_batch import ForwardBatch
-from model_executor.model_config import ATTENTION_BACKENDS, ModelConfig, ModelRunnerConfig
+from model_executor.model_config import ModelConfig, ModelRunnerConfig
 from model_executor.model_loader import load_model
 
 logger = logging.getLogger(__name__)
-
-
-def create_attention_backend(
-    name: str, device: torch.device, dtype: torch.dtype, *, flashinfer_workspace_mb: int
-) -> AttentionBackend:
-    """The backend named by --attention-backend; GPU-only ones are imported
-    only when chosen, so a CPU install never needs triton kernels or flashinfer."""
-    if name == "torch_native":
-        from layers.attention.torch_native import TorchNativeAttnBackend
-
-        return TorchNativeAttnBackend()
-    if name == "cpu":
-        from layers.attention.cpu_backend import CpuAttnBackend
-
-        return CpuAttnBackend(device)
-    if name == "triton":
-        from layers.attention.triton_backend import TritonAttnBackend
-
-        return TritonAttnBackend(device)
-    if name == "flashinfer":
-        from layers.attention.flashinfer_backend import FlashInferAttnBackend
-
-        return FlashInferAttnBackend(device, dtype, flashinfer_workspace_mb)
-    raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -68,23 +45,20 @@ class ModelRunner:
         """`tp_group`: this rank's TP group when tp_size > 1 (see distributed.py)."""
         if config.tp_size > 1 and tp_group is None:
             raise ValueError(f"tp_size {config.tp_size} needs a TP group (model_executor.distributed)")
+        # An unknown backend name fails here, before minutes of loading, not after.
+        backend_spec(config.attention_backend)
         self.config = config
         self.tp_group = tp_group
         self.device = torch.device(config.device)
         torch.manual_seed(config.random_seed)
         self.model_config = ModelConfig.from_pretrained(
-            config.model_path, config.dtype, config.context_length, config.device
+            config.model_path, config.dtype, config.context_length, config.device,
+            trust_remote_code=config.trust_remote_code,
         )
         self.dtype = self.model_config.dtype
         self.tp = tp_group.tp_context() if tp_group is not None else TPContext()
-        self.model = load_model(self.model_config, self.device, self.tp, config.load_format, config.random_seed)
-        if config.cpu_weight_prepack and prepack_supported(self.device, self.dtype):
-            for module in self.model.modules():
-                if hasattr(module, "prepack"):
-                    module.prepack(
-                        batch_size_hint=min(config.max_running_requests, 16),
-                        small_batch_gemv=config.cpu_small_batch_gemv,
-                    )
+        self.model = load_model(self.model_config, self.device, self.tp, config.load_format, config.random_seed,
+                                self._quant_config(config))
         self.sampler = Sampler()
 
         self.num_kv_heads = max(1, self.model_config.num_kv_heads // self.tp.size)
@@ -131,6 +105,14 @@ class ModelRunner:
             config.page_size,
             self.dtype,
         )
+
+    def _quant_config(self, config: ModelRunnerConfig) -> QuantizationConfig:
+        """Dense for now (quantized checkpoints come with issue 15); on CPU bf16
+        every linear packs its weight for the CPU kernels (layers/cpu_gemm.py)."""
+        pack = None
+        if config.cpu_weight_prepack and prepack_supported(self.device, self.dtype):
+            pack = CpuPackOptions(min(config.max_running_requests, 16), config.cpu_small_batch_gemv)
+        return DenseConfig(cpu_pack=pack)
 
     def _use_unfused_ops(self) -> None:
         """The torch ops instead of the fused native CPU kernels (an A/B switch)."""

@@ -41,7 +41,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-ARCHS = MappingProxyType({"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama"})
+ARCHS = MappingProxyType({"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral"})
 SIZES = MappingProxyType({
     "tiny": MappingProxyType(dict(vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=32, intermediate_size=384,
@@ -201,6 +201,8 @@ def _build_config(spec: DemoSpec, tokenizer: PreTrainedTokenizerFast) -> Pretrai
         pad_token_id=tokenizer.pad_token_id,
         architectures=[f"{prefix}ForCausalLM"],
         rms_norm_eps=1e-6,
+        # Mistral's config defaults to a 4096-token sliding window, which we refuse.
+        **({"sliding_window": None} if spec.arch == "mistral" else {}),
     )
     # No dtype here: the model is built and checked in fp32, then cast to bfloat16 before
     # saving, and save_pretrained records that dtype in config.json itself.

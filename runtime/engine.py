@@ -7,14 +7,22 @@
 The tokenizer manager runs on an event loop in a background thread, so the
 synchronous methods work from plain scripts and `async_generate` works from
 any caller's event loop.
+
+No `if __name__ == "__main__":` guard is needed (the child processes never
+import the caller's script: runtime/child_process.py), and an Engine left
+open when the script ends is shut down at exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
+import functools
 import logging
+import sys
 import threading
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -51,6 +59,11 @@ class Engine:
             watchdog_timeout=self.server_args.watchdog_timeout,
         )
         self._closed = False
+        # At exit, while the loop thread still runs (by the time __del__ runs
+        # during interpreter teardown, it may be frozen). A weak reference:
+        # the hook must not keep an unused Engine alive.
+        self._atexit = functools.partial(_shutdown_at_exit, weakref.ref(self))
+        atexit.register(self._atexit)
 
     async def _start(self) -> None:
         self.tokenizer_manager.start()
@@ -154,6 +167,7 @@ class Engine:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        atexit.unregister(self._atexit)
         self._run(self.tokenizer_manager.close())
         self.children.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -167,9 +181,20 @@ class Engine:
 
     def __del__(self) -> None:
         try:
-            self.shutdown()
+            if sys.is_finalizing():
+                # The loop thread may be frozen: waiting on it would hang the
+                # exit. The children are what must not outlive us.
+                self.children.shutdown()
+            else:
+                self.shutdown()
         except Exception:
             pass
+
+
+def _shutdown_at_exit(ref: weakref.ref) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()
 
 
 def _single_output(obj: GenerateReqInput) -> bool:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
-import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -11,13 +11,16 @@ import socket
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 from managers.detokenizer_manager import run_detokenizer_process
 from managers.io_struct import SchedulerReady
 from managers.liveness import Heartbeat
 from managers.scheduler_process import PortArgs, run_scheduler_process
+from runtime.child_process import ChildProcess, start_child
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +30,9 @@ WATCH_INTERVAL_S = 0.2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
 
 
-@dataclass
+@dataclass(eq=False)  # identity hash: kept in the weak set below
 class ChildProcesses:
-    processes: dict[str, mp.Process]
+    processes: dict[str, ChildProcess]
     socket_dir: str
     port_args: PortArgs
     ready: SchedulerReady
@@ -89,6 +92,19 @@ class ChildProcesses:
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
+# Children still running at interpreter exit are stopped there, as
+# multiprocessing did for its daemon processes: an Engine nobody shut down (a
+# script that just ends) must not leave them waiting to notice a dead parent.
+_running: weakref.WeakSet[ChildProcesses] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_children() -> None:
+    for children in list(_running):
+        if not children.stopping:
+            children.shutdown()
+
+
 def launch_children(server_args) -> ChildProcesses:
     """Start this node's scheduler ranks (and, on node 0, the detokenizer)
     and wait until each reports ready. `ready` is rank 0's report on node 0,
@@ -104,23 +120,27 @@ def launch_children(server_args) -> ChildProcesses:
     # Short path: ipc:// socket paths must stay under ~100 characters.
     socket_dir = tempfile.mkdtemp(prefix="rxs-", dir="/tmp")
     port_args = PortArgs.in_dir(socket_dir)
-    ctx = mp.get_context("spawn")
-    heartbeat = Heartbeat(ctx) if server_args.node_rank == 0 else None
-    targets: list[tuple[str, Callable, tuple]] = []
+    heartbeat = Heartbeat(os.path.join(socket_dir, "heartbeat")) if server_args.node_rank == 0 else None
+    common = {"server_args": server_args, "port_args": port_args}
+    targets: list[tuple[str, Callable, dict]] = []
     for rank in server_args.local_tp_ranks():
         name = "scheduler" if server_args.tp_size == 1 else f"scheduler_tp{rank}"
-        targets.append((name, run_scheduler_process, (rank, dist_init_addr, heartbeat if rank == 0 else None)))
+        targets.append((name, run_scheduler_process, {
+            **common, "tp_rank": rank, "dist_init_addr": dist_init_addr,
+            "heartbeat": heartbeat if rank == 0 else None,
+        }))
     if server_args.node_rank == 0:
-        targets.append(("detokenizer", run_detokenizer_process, ()))
-    processes: dict[str, mp.Process] = {}
-    pipes = {}
-    for name, target, extra in targets:
-        reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=target, args=(server_args, port_args, writer, *extra), name=name, daemon=True)
-        proc.start()
-        processes[name], pipes[name] = proc, reader
+        targets.append(("detokenizer", run_detokenizer_process, common))
+    processes: dict[str, ChildProcess] = {}
+    pipes: dict[str, Connection] = {}
     children = ChildProcesses(processes, socket_dir, port_args, ready=None, heartbeat=heartbeat)  # type: ignore[arg-type]
+    _running.add(children)
     try:
+        # Fresh interpreters running only our entry module (runtime/child_process.py):
+        # the caller's __main__ is never re-imported, so an unguarded script,
+        # `python -` and a notebook can all build an Engine.
+        for name, target, kwargs in targets:
+            processes[name], pipes[name] = start_child(name, target, kwargs)
         reports = _wait_all_ready(processes, pipes)
     except BaseException:
         children.shutdown()
@@ -154,7 +174,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_all_ready(processes: dict[str, mp.Process], pipes: dict) -> dict[str, object]:
+def _wait_all_ready(processes: dict[str, ChildProcess], pipes: dict[str, Connection]) -> dict[str, object]:
     """Every child's ready report; the first failure (an exception sent on
     its pipe, or an early exit) is raised at once, naming the child."""
     reports: dict[str, object] = {}

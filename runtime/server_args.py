@@ -19,6 +19,9 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+# Torch-free: the flag's choices and device rules come from the backend registry.
+from layers.attention.registry import attention_backend_names, device_error
+
 if TYPE_CHECKING:
     from managers.scheduler_config import SchedulerConfig
     from model_executor.model_config import ModelRunnerConfig
@@ -108,7 +111,7 @@ class ServerArgs:
         None,
         "Attention kernels; default: cpu (native kernels, torch_native if they "
         "cannot be built) on cpu, flashinfer on cuda if installed, else triton.",
-        ("cpu", "torch_native", "triton", "flashinfer"),
+        attention_backend_names(),
     )
 
     # Parallelism.
@@ -128,7 +131,11 @@ class ServerArgs:
     host: str = _arg("127.0.0.1", "HTTP bind address.")
     port: int = _arg(30000, "HTTP port.")
     api_key: str | None = _arg(None, "If set, requests must send this bearer token.")
-    stream_interval: int = _arg(1, "Send a streaming chunk every N decoded tokens.")
+    stream_interval: int = _arg(
+        1,
+        "Send a streaming chunk every N decoded tokens; the first token and the final chunk "
+        "go out at once. Larger values cut per-chunk overhead for many concurrent streams.",
+    )
     max_queued_requests: int | None = _arg(
         None, "Requests allowed to wait for admission; more get 503 with Retry-After. Default: unbounded."
     )
@@ -237,13 +244,12 @@ class ServerArgs:
             host, _, port = self.dist_init_addr.rpartition(":")
             if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
                 raise ValueError(f"--dist-init-addr must be host:port, got {self.dist_init_addr!r}")
-        # Triton is allowed on cpu: the tests run its kernels under TRITON_INTERPRET=1.
-        if self.attention_backend == "flashinfer" and self.device != "cuda":
-            raise ValueError(
-                f"--attention-backend flashinfer requires --device cuda, got {self.device}"
-            )
-        if self.attention_backend == "cpu" and self.device != "cpu":
-            raise ValueError(f"--attention-backend cpu requires --device cpu, got {self.device}")
+        # Which backend runs on which device is the registry's rule (triton is
+        # allowed on cpu there: the tests run its kernels under TRITON_INTERPRET=1).
+        assert self.device is not None and self.attention_backend is not None
+        reason = device_error(self.attention_backend, self.device)
+        if reason is not None:
+            raise ValueError(reason)
 
     @property
     def ranks_per_node(self) -> int:
@@ -309,6 +315,7 @@ class ServerArgs:
             tp_rank=tp_rank,
             random_seed=self.random_seed,
             load_format=self.load_format,
+            trust_remote_code=self.trust_remote_code,
         )
 
     def scheduler_config(self) -> SchedulerConfig:

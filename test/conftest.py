@@ -14,6 +14,7 @@ PARITY_MODELS = {
     "qwen3": dict(arch="qwen3"),
     "qwen2": dict(arch="qwen2"),
     "llama3-tied": dict(arch="llama", tie_word_embeddings=True, rope_scaling="llama3"),
+    "mistral": dict(arch="mistral"),
 }
 
 

@@ -16,7 +16,8 @@ FP32_ATOL = 1e-4
 # of transformers' bf16 logits (logits here reach ~20, bf16 rounds 8-bit
 # mantissas, so the two implementations' different GEMM fusion drifts by
 # ~0.2), our distance to the fp32 truth is at most 1.5x transformers' own,
-# and our top-1 misses against the fp32 truth at most one more position.
+# and our top-1 misses against the fp32 truth, where it is decisive (its
+# top-2 margin beyond transformers' bf16 error), no more than transformers'.
 BF16_REL_TOL = 0.02
 BF16_ERROR_RATIO = 1.5
 
@@ -75,9 +76,14 @@ def test_logits_match_transformers(parity_model, dtype, backend):
             # Top-1 against the fp32 truth, not against transformers' bf16: a
             # kernel that rounds differently (the native one keeps softmax
             # weights in fp32) flips different near-ties, not more of them.
-            our_misses = int((ours.argmax(-1) != exact.argmax(-1)).sum())
-            their_misses = int((ref.argmax(-1) != exact.argmax(-1)).sum())
-            assert our_misses <= their_misses + 1, f"prompt {i}: top-1 {our_misses} misses vs {their_misses}"
+            # Near-ties are positions whose fp32 top-2 margin is within
+            # transformers' own bf16 error: any bf16 implementation may flip
+            # those, so only decisive positions count.
+            top2 = exact.topk(2, dim=-1).values
+            decisive = (top2[:, 0] - top2[:, 1]) > their_error
+            our_misses = int(((ours.argmax(-1) != exact.argmax(-1)) & decisive).sum())
+            their_misses = int(((ref.argmax(-1) != exact.argmax(-1)) & decisive).sum())
+            assert our_misses <= their_misses, f"prompt {i}: top-1 {our_misses} misses vs {their_misses}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -163,6 +163,44 @@ def test_triton_allowed_on_cpu() -> None:
     assert prepare_server_args(BASE + ["--attention-backend", "triton"]).device == "cpu"
 
 
+def test_attention_backend_choices_are_the_registry() -> None:
+    from layers.attention.registry import ATTENTION_BACKENDS, backends_for_device
+    from runtime.server_args import default_attention_backend
+
+    (field,) = [f for f in fields(ServerArgs) if f.name == "attention_backend"]
+    assert field.metadata["choices"] == tuple(ATTENTION_BACKENDS)
+    (action,) = [a for a in make_parser()._actions if a.dest == "attention_backend"]
+    assert action.metavar == "{" + ",".join(ATTENTION_BACKENDS) + "}"
+    # The defaults are registry names the device accepts.
+    for device, dtype in (("cpu", "auto"), ("cuda", "bfloat16"), ("cuda", "float32")):
+        assert default_attention_backend(device, dtype) in backends_for_device(device)
+
+
+def test_unknown_attention_backend_fails_clearly() -> None:
+    from layers.attention.registry import create_attention_backend
+
+    with pytest.raises(ValueError, match=r"--attention-backend must be one of cpu, torch_native, triton, "
+                                         r"flashinfer; got 'flashattn'"):
+        ServerArgs(model_path="/m", device="cpu", attention_backend="flashattn")
+    # Configs built without ServerArgs (benchmarks, tests) get the same list.
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flashattn'; available: cpu, "
+                                         r"torch_native, triton, flashinfer"):
+        create_attention_backend("flashattn", "cpu", None, flashinfer_workspace_mb=256)
+
+
+def test_cpu_backends_never_import_gpu_kernels() -> None:
+    # The registry names every backend without importing any; building a CPU
+    # one must not pull in triton or flashinfer.
+    proc = _run_python(
+        "import sys, torch\n"
+        "from layers.attention.registry import create_attention_backend\n"
+        "for name in ('torch_native', 'cpu'):\n"
+        "    create_attention_backend(name, torch.device('cpu'), torch.float32, flashinfer_workspace_mb=256)\n"
+        "assert 'triton' not in sys.modules and 'flashinfer' not in sys.modules, sorted(sys.modules)\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_chunked_prefill_disable_values() -> None:
     for value in ("-1", "0"):
         args = prepare_server_args(BASE + ["--page-size", "16", "--chunked-prefill-size", value])

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from typing import Any
+
+from model_executor.models.blocks import AttentionOptions, DecoderForCausalLM
 
 
-class Qwen3Attention(LlamaAttention):
-    qk_norm = True
-
-
-class Qwen3DecoderLayer(LlamaDecoderLayer):
-    attention_cls = Qwen3Attention
-
-
-class Qwen3ForCausalLM(LlamaForCausalLM):
-    layer_cls = Qwen3DecoderLayer
+class Qwen3ForCausalLM(DecoderForCausalLM):
+    @staticmethod
+    def attention_options(config: Any) -> AttentionOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias, qk_norm=True)

@@ -1,27 +1,35 @@
-"""Model classes by the `architectures` name in a checkpoint's config.json."""
+"""Model classes by the `architectures` name in a checkpoint's config.json.
+
+Modules are imported on first use, so a model's dependencies (a fused MoE
+kernel, say) cost nothing to the users of the others. Adding an architecture:
+one file here and one line below.
+"""
 
 from __future__ import annotations
 
+import importlib
 from types import MappingProxyType
 
 from torch import nn
 
-from model_executor.models.llama import LlamaForCausalLM
-from model_executor.models.qwen2 import Qwen2ForCausalLM
-from model_executor.models.qwen3 import Qwen3ForCausalLM
-
-MODEL_CLASSES: MappingProxyType[str, type[nn.Module]] = MappingProxyType(
-    {cls.__name__: cls for cls in (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)}
+# architecture name -> module defining a class of that name
+MODEL_MODULES: MappingProxyType[str, str] = MappingProxyType(
+    {
+        "LlamaForCausalLM": "model_executor.models.llama",
+        "MistralForCausalLM": "model_executor.models.mistral",
+        "Qwen2ForCausalLM": "model_executor.models.qwen2",
+        "Qwen3ForCausalLM": "model_executor.models.qwen3",
+    }
 )
 
 
 def check_architectures(architectures: list[str] | None, config_file: str) -> str:
     """The first supported name in `architectures`, or an error listing what is supported."""
-    supported = ", ".join(MODEL_CLASSES)
+    supported = ", ".join(MODEL_MODULES)
     if not architectures:
         raise ValueError(f"{config_file} has no 'architectures' entry; supported: {supported}")
     for name in architectures:
-        if name in MODEL_CLASSES:
+        if name in MODEL_MODULES:
             return name
     raise ValueError(
         f"unsupported model architecture {', '.join(architectures)} in {config_file}; "
@@ -30,4 +38,6 @@ def check_architectures(architectures: list[str] | None, config_file: str) -> st
 
 
 def get_model_class(architecture: str) -> type[nn.Module]:
-    return MODEL_CLASSES[architecture]
+    if architecture not in MODEL_MODULES:
+        raise ValueError(f"unsupported model architecture {architecture!r}; supported: {', '.join(MODEL_MODULES)}")
+    return getattr(importlib.import_module(MODEL_MODULES[architecture]), architecture)

@@ -1,0 +1,62 @@
+"""The linear-method seam: how a linear layer stores its weight and applies it.
+
+A `QuantizationConfig` (chosen from the checkpoint's `quantization_config`,
+or dense) hands every linear layer its `LinearMethod` by the layer's name
+(`prefix`, e.g. "model.layers.3.mlp.down_proj"), so a config can leave some
+layers dense (`modules_to_not_convert`, `ignore`). The method:
+
+- `create_weights` registers the layer's weight tensors, each tagged with the
+  dims the TP loaders shard along (`output_dim` for column-parallel layers,
+  `input_dim` for row-parallel ones; see `set_weight_attrs`), so a quantized
+  format's packed tensors shard through the same loaders;
+- `process_weights_after_loading` turns the loaded tensors into what `apply`
+  wants (packing for a CPU kernel, unpacking, requantizing);
+- `apply` computes x W^T + bias.
+
+The bias stays a plain tensor owned by the layer: no format quantizes it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
+    """Tag a weight tensor for the loaders (e.g. {"output_dim": 0, "input_dim": 1})."""
+    for key, value in attrs.items():
+        if hasattr(param, key):
+            raise AttributeError(f"weight attribute {key!r} is already set")
+        setattr(param, key, value)
+
+
+class LinearMethod(ABC):
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        """Register the weight tensor(s) of a layer computing [.., in] -> [.., out]
+        (this rank's shard sizes)."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Called once after the checkpoint (or dummy weights) are in."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+
+class QuantizationConfig(ABC):
+    """Picks each linear layer's method; one instance per loaded model."""
+
+    name: str
+
+    @abstractmethod
+    def linear_method(self, prefix: str) -> LinearMethod: ...
+
+    def unquantized_method(self) -> LinearMethod:
+        """For layers every format keeps dense (the LM head, whose weight may
+        be the embedding's) and those the config leaves out."""
+        from layers.quantization.dense import DenseLinearMethod
+
+        return DenseLinearMethod()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from managers.io_struct import GenerateReqInput, TokenizedGenerateReq
+from managers.io_struct import FinishReason, GenerateReqInput, TokenizedGenerateReq
 from managers.sampling_params import SamplingParams
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -129,3 +129,27 @@ def parse_sampling_params(raw: dict) -> SamplingParams:
     if rest_of_context:
         params.max_new_tokens = None  # type: ignore[assignment]
     return params
+
+
+def refusal(input_ids: list[int], max_new_tokens: int, *, vocab_size: int, context_len: int, capacity: int,
+            max_queued: int | None) -> FinishReason | None:
+    """Why the scheduler refuses a request outright (an abort with the HTTP
+    status the caller should see), or None. `max_queued` is given only when
+    the queue is full."""
+    limit = min(capacity, context_len)
+    if not input_ids:
+        return FinishReason("abort", message="the prompt is empty", status_code=400)
+    if (bad := first_out_of_vocab(input_ids, vocab_size)) is not None:
+        # The tokenizer manager refuses these first; an out-of-range id
+        # reaching the embedding would kill the process (or the GPU).
+        return FinishReason("abort", message=f"token id {bad[1]} is outside the vocabulary [0, {vocab_size})",
+                            status_code=400)
+    if max_queued is not None:
+        return FinishReason("abort", message=f"the queue is full ({max_queued} requests waiting); retry later",
+                            status_code=503)
+    if len(input_ids) + max_new_tokens > limit:
+        return FinishReason("abort", status_code=400, message=(
+            f"prompt ({len(input_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the limit of "
+            f"{limit} tokens (context length {context_len}, KV capacity {capacity})"
+        ))
+    return None

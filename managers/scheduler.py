@@ -19,6 +19,12 @@ launched: batch N+1 refers to N's not-yet-known tokens by placeholder ids
 Request state is therefore one step behind; a request that turns out to
 have finished in batch N has already run one extra token in batch N+1,
 which is discarded and its KV released with the rest.
+
+Parts: `prefill_admission.py` picks and allocates prefills (with the
+policy's order and budgets, schedule_policy.py), `cache_manager.py` owns
+every request's KV bookkeeping (rows, slots, prefix locks, release),
+`output_report.py` gathers what a step reports; this module is the loop,
+decode room and retraction, and applying a step's results.
 """
 
 from __future__ import annotations
@@ -30,24 +36,22 @@ from typing import Any
 
 import torch
 
+from managers.cache_manager import CacheManager
 from managers.iteration_timings import IterationTimings
+from managers.output_report import OutputReport
+from managers.prefill_admission import PrefillAdmission
 from managers.scheduler_config import SchedulerConfig
 from managers.io_struct import AbortReq, BatchTokenIDOut, FinishReason, TokenizedGenerateReq
-from managers.request_checks import first_out_of_vocab
-from managers.schedule_batch import EMPTY_SLOTS, Req, ScheduleBatch
+from managers.request_checks import refusal
+from managers.schedule_batch import Req, ScheduleBatch
 from managers.sampling_params import SamplingParams
-from managers.schedule_policy import AddResult, PrefillAdder, SchedulePolicy
+from managers.schedule_policy import SchedulePolicy
 from managers.tp_worker import OverlapTpWorker, StepResult, SyncExecutor, TpModelWorker
 from mem_cache.radix_cache import NoSharingCache, RadixCache
 from model_executor.distributed import TPGroup
 from model_executor.model_config import ModelRunnerConfig
 
 logger = logging.getLogger(__name__)
-
-# Waiting requests whose next this-many uncached tokens equal those of a
-# request being prefilled wait for it instead of computing them again.
-SHARED_PREFIX_CLAIM_TOKENS = 32
-
 
 @dataclass
 class _InFlight:
@@ -79,7 +83,9 @@ class Scheduler:
         self.capacity = runner.max_total_num_tokens
         cache_cls = NoSharingCache if config.disable_radix_cache else RadixCache
         self.tree_cache = cache_cls(self.req_to_token_pool, self.allocator, self.page_size)
-        self.policy = SchedulePolicy(config.schedule_policy, self.tree_cache)
+        self.kv = CacheManager(self.req_to_token_pool, self.allocator, self.tree_cache, self.page_size)
+        self.admission = PrefillAdmission(config, self.kv, SchedulePolicy(config.schedule_policy, self.tree_cache),
+                                          self.max_running_requests, self._new_batch)
         self.executor = (
             OverlapTpWorker(self.worker, self.max_running_requests)
             if config.enable_overlap
@@ -94,9 +100,8 @@ class Scheduler:
         self.requests: dict[str, Req] = {}
         # Aborts not applied yet: a step costs O(aborts), not O(requests ever seen).
         self.pending_aborts: list[Req] = []
-        self.pending_output = BatchTokenIDOut()
+        self.output = OutputReport()
         self.num_retractions = 0
-        self.prefix_claims: dict[tuple[int, ...], Req] = {}  # see _prefix_claim
         self.timings = IterationTimings()
 
     # -- requests in -------------------------------------------------------------
@@ -139,25 +144,11 @@ class Scheduler:
                   return_logprob=return_logprob, top_logprobs_num=top_logprobs_num)
         if not hidden:
             self.requests[req.rid] = req
-        limit = min(self.capacity, self.context_len)
-        reason, status = None, 400
-        if not req.origin_input_ids:
-            reason = "the prompt is empty"
-        elif (bad := first_out_of_vocab(req.origin_input_ids, self.vocab_size)) is not None:
-            # The tokenizer manager refuses these first; an out-of-range id
-            # reaching the embedding would kill the process (or the GPU).
-            reason = f"token id {bad[1]} is outside the vocabulary [0, {self.vocab_size})"
-        elif queue_full:
-            reason = f"the queue is full ({self.config.max_queued_requests} requests waiting); retry later"
-            status = 503
-        elif len(req.origin_input_ids) + params.max_new_tokens > limit:
-            reason = (
-                f"prompt ({len(req.origin_input_ids)} tokens) + max_new_tokens "
-                f"({params.max_new_tokens}) exceeds the limit of {limit} tokens "
-                f"(context length {self.context_len}, KV capacity {self.capacity})"
-            )
-        if reason is not None:
-            req.finished_reason = FinishReason("abort", message=reason, status_code=status)
+        refused = refusal(req.origin_input_ids, params.max_new_tokens, vocab_size=self.vocab_size,
+                          context_len=self.context_len, capacity=self.capacity,
+                          max_queued=self.config.max_queued_requests if queue_full else None)
+        if refused is not None:
+            req.finished_reason = refused
             self._report(req)
             return req
         req.init_next_round_input()
@@ -231,8 +222,7 @@ class Scheduler:
             clock.iterations += 1
             if clock.iterations % 200 == 0 and logger.isEnabledFor(logging.DEBUG):
                 logger.debug("iteration timings: %s", clock.summary())
-        out, self.pending_output = self.pending_output, BatchTokenIDOut()
-        return out
+        return self.output.take()
 
     def _wait_result(self) -> StepResult:
         """Forward + sampling as the scheduler sees it: under overlap only the
@@ -276,150 +266,26 @@ class Scheduler:
         return batch
 
     def _admit_prefill(self, decodes: list[Req], riders: list[Req]) -> ScheduleBatch | None:
-        """A prefill batch, or None. `decodes` are the running requests (they
-        keep their KV reserve and their running slots); `riders`, those of them
-        that join this batch as 1-token extends."""
-        chunk_budget = None
-        if self.config.chunked_prefill_size is not None:
-            chunk_budget = self.config.chunked_prefill_size - len(riders)
-            if chunk_budget <= 0:
-                return None
-        reserve = PrefillAdder.reserve_for_running(decodes, self.config.new_token_ratio)
-        adder = PrefillAdder(
-            rem_total_tokens=self.allocator.available_size() + self.tree_cache.evictable_size() - reserve,
-            rem_input_tokens=self.config.max_prefill_tokens,
-            rem_chunk_tokens=chunk_budget,
-            page_size=self.page_size,
-        )
-        admitted: list[Req] = []
-        continuing = self.chunked_req
-        if continuing is not None:
-            self.chunked_req = None
-            continuing.init_next_round_input()
-            adder.add_one_req(continuing, continuing.kv_committed_len)
-            if adder.can_run:
-                admitted.append(continuing)
-            else:
-                self.chunked_req = continuing
-        slots_left = self.max_running_requests - len(decodes) - len(admitted)
-        if self.chunked_req is None and adder.new_chunked_req is None:
-            for req in self.policy.order([r for r in self.waiting if self._schedulable(r)]):
-                if slots_left <= 0 or self.req_to_token_pool.available_size() <= 0:
-                    break
-                # At least one token must be computed to sample from.
-                match = self.tree_cache.match_prefix(req.fill_ids[:-1])
-                claim = self._prefix_claim(req, len(match.indices))
-                if claim is not None and claim in self.prefix_claims:
-                    continue  # another request is computing this prefix: wait and share it
-                result = adder.add_one_req(req, len(match.indices))
-                if adder.can_run and adder.can_run[-1] is req:
-                    if claim is not None:
-                        self.prefix_claims[claim] = req
-                        req.prefix_claim = claim
-                    self._start(req, match)
-                    admitted.append(req)
-                    slots_left -= 1
-                if result != AddResult.CONTINUE:
-                    break
-        batch = self._allocate_prefill(admitted, riders, continuing)
-        if batch is None:
+        chunked, self.chunked_req = self.chunked_req, None
+        admission = self.admission.admit(self.waiting, chunked, decodes, riders)
+        if admission is None:
+            self.chunked_req = chunked
             return None
-        for req in admitted:
-            if req is not continuing and req.retractions == 0:
-                # Counted once the batch has its KV: an undone admission is retried.
-                self.tree_cache.record_hit(req.cached_tokens, len(req.origin_input_ids))
-        self.waiting = [r for r in self.waiting if r not in admitted]
-        return batch
-
-    def _allocate_prefill(self, admitted: list[Req], decodes: list[Req],
-                          continuing: Req | None) -> ScheduleBatch | None:
-        """Allocate KV for the admitted requests (plus the riding decodes),
-        dropping the last admitted until it fits; `admitted` keeps the ones
-        that got in. None, and nothing admitted, when not even the first fits.
-
-        Admission's budget is an estimate: it counts cached prefixes as
-        evictable although admitting a request locks its prefix, and leaves out
-        page rounding and the decodes' new pages. Retrying a batch that does
-        not fit as a whole, unchanged, step after step, never made progress
-        when nothing was running to free KV."""
-        while admitted:
-            batch = self._new_batch(list(admitted))
-            needed = batch.new_tokens_needed(decodes)
-            if self.allocator.available_size() < needed:
-                self.tree_cache.evict(needed - self.allocator.available_size())
-            if batch.prepare_for_extend(decodes):
-                return batch
-            last = admitted.pop()
-            if last is continuing:
-                self.chunked_req = continuing  # keeps its KV; continues next time
-            else:
-                self._unadmit([last])
-        return None
-
-    def _prefix_claim(self, req: Req, cached: int) -> tuple[int, ...] | None:
-        """The first uncached tokens of `req`, if long enough to be worth
-        sharing. Requests with the same claim are admitted one at a time, so
-        the first computes the prefix and the rest find it in the cache
-        (without this, a burst of requests with a common system prompt would
-        all compute it side by side)."""
-        if self.config.disable_radix_cache:
-            return None
-        claim = tuple(req.fill_ids[cached : cached + SHARED_PREFIX_CLAIM_TOKENS])
-        return claim if len(claim) == SHARED_PREFIX_CLAIM_TOKENS else None
-
-    def _drop_prefix_claim(self, req: Req) -> None:
-        if req.prefix_claim is not None and self.prefix_claims.get(req.prefix_claim) is req:
-            del self.prefix_claims[req.prefix_claim]
-        req.prefix_claim = None
-
-    def _schedulable(self, req: Req) -> bool:
-        # Released, not just finished: its KV must be in the cache already.
-        first = req.waits_for
-        return first is None or (first.finished() and first.req_pool_idx is None)
-
-    def _start(self, req: Req, match) -> None:
-        """Give an admitted request its row and lock its cached prefix."""
-        req.req_pool_idx = self.req_to_token_pool.alloc(1)[0]
-        req.prefix_indices, req.last_node = match.indices, match.last_node
-        self.tree_cache.inc_lock_ref(match.last_node)
-        n = len(match.indices)
-        if n:
-            self.req_to_token_pool.req_to_token[req.req_pool_idx, :n] = match.indices.to(torch.int32)
-        req.kv_committed_len = n
-        if req.retractions == 0:
-            req.cached_tokens = n
-
-    def _unadmit(self, reqs: list[Req]) -> None:
-        """Undo admission (`_start` and the adder's chunk cut) for requests whose
-        batch could not get KV slots: they wait again as if never admitted.
-
-        fill_ids must be the whole sequence again: the adder cut it to the first
-        chunk, and a request readmitted with the cut list would take the chunk
-        for its whole prompt, sample from the wrong position and then decode
-        past positions that never got KV (their req_to_token entries are 0 or a
-        previous row owner's slots; the allocator then fails on, or silently
-        shares, the page it thinks the prompt ended in)."""
-        for req in reqs:
-            self._drop_prefix_claim(req)
-            self.tree_cache.dec_lock_ref(req.last_node)
-            self.req_to_token_pool.free(req.req_pool_idx)
-            req.req_pool_idx, req.prefix_indices, req.last_node = None, EMPTY_SLOTS, None
-            req.kv_committed_len, req.extend_input_len, req.is_chunked = 0, 0, False
-            req.init_next_round_input()
+        self.chunked_req = admission.chunked_req
+        admitted = set(map(id, admission.admitted))
+        self.waiting = [r for r in self.waiting if id(r) not in admitted]
+        return admission.batch
 
     def _ensure_decode_room(self, decodes: list[Req]) -> list[Req]:
         """Evict cache leaves, then retract requests, until every decode has a slot."""
-        needed = self.page_size * len(decodes)
-        if self.allocator.available_size() < needed:
-            self.tree_cache.evict(needed - self.allocator.available_size())
+        self.kv.make_room(self.page_size * len(decodes))
         # Fewest generated tokens first (least work lost), then the longest prompt.
         order = sorted(decodes, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
         while self.allocator.available_size() < self.page_size * len(decodes) and len(decodes) > 1:
             victim = order.pop(0)
             decodes.remove(victim)
             self._retract(victim)
-            if self.allocator.available_size() < self.page_size * len(decodes):
-                self.tree_cache.evict(self.page_size * len(decodes) - self.allocator.available_size())
+            self.kv.make_room(self.page_size * len(decodes))
         return decodes
 
     def _retract(self, req: Req) -> None:
@@ -433,16 +299,8 @@ class Scheduler:
         logger.info("retracted %s after %d tokens to free KV", req.rid, len(req.output_ids))
 
     def _free_own_kv(self, req: Req) -> None:
-        self._drop_prefix_claim(req)
-        shared = len(req.prefix_indices) // self.page_size * self.page_size
-        own = self.req_to_token_pool.req_to_token[req.req_pool_idx, shared : req.kv_committed_len]
-        if own.numel():
-            self.allocator.free(own.to(torch.int64))
-        self.tree_cache.dec_lock_ref(req.last_node)
-        self.req_to_token_pool.free(req.req_pool_idx)
-        req.req_pool_idx, req.prefix_indices, req.last_node = None, EMPTY_SLOTS, None
-        req.kv_committed_len = 0
-        req.pending_placeholder = None
+        self.admission.drop_claim(req)
+        self.kv.free_own_kv(req)
 
     def _new_batch(self, reqs: list[Req]) -> ScheduleBatch:
         return ScheduleBatch(reqs, self.req_to_token_pool, self.allocator, self.device, self.vocab_size)
@@ -475,7 +333,7 @@ class Scheduler:
                 continue
             if partial:
                 if not self.config.enable_overlap:
-                    self.tree_cache.cache_unfinished_req(req)
+                    self.kv.cache_prefill(req)
                 continue
             if req.sampling_params.max_new_tokens == 0:
                 req.finished_reason = FinishReason("length", 0)  # prefill only
@@ -494,7 +352,7 @@ class Scheduler:
                     # the re-prefill must include it.
                     req.init_next_round_input()
             if not decoding:
-                self._drop_prefix_claim(req)
+                self.admission.drop_claim(req)
             if req.finished():
                 self.running = [r for r in self.running if r is not req]
                 self.waiting = [r for r in self.waiting if r is not req]
@@ -502,29 +360,12 @@ class Scheduler:
                     self._release(req)
             elif not decoding and req.req_pool_idx is not None:
                 # Prefill done: share the prompt now, not when the request ends.
-                self.tree_cache.cache_unfinished_req(req)
+                self.kv.cache_prefill(req)
             self._report(req)
 
     def _release(self, req: Req) -> None:
-        """A finished (or aborted) request gives back its row and its KV: to
-        the radix cache when its whole sequence has KV, else to the pool."""
-        self._drop_prefix_claim(req)
-        if req.req_pool_idx is None:
-            return
-        full = len(req.origin_input_ids) + len(req.output_ids)
-        if req.kv_committed_len < full - 1:  # aborted before its prefill completed
-            self._free_own_kv(req)
-            return
-        if req.kv_committed_len == full:
-            # Overlap ran one spare step after the finish: its KV slot sits
-            # past what the cache takes. Free it unless it shares a page with
-            # the tail the cache frees anyway.
-            if (full - 1) % self.page_size == 0:
-                spare = self.req_to_token_pool.req_to_token[req.req_pool_idx, full - 1 : full]
-                self.allocator.free(spare.to(torch.int64))
-        self.tree_cache.cache_finished_req(req)
-        req.req_pool_idx = None
-        req.pending_placeholder = None
+        self.admission.drop_claim(req)
+        self.kv.release(req)
 
     def _apply_aborts(self) -> None:
         inflight = set(map(id, self.inflight.batch.reqs)) if self.inflight is not None else set()
@@ -542,17 +383,4 @@ class Scheduler:
     def _report(self, req: Req) -> None:
         if req.finished():
             self.requests.pop(req.rid, None)
-        if req.hidden:
-            return
-        out = self.pending_output
-        out.rids.append(req.rid)
-        out.new_token_ids.append(req.output_ids[req.reported_len :])
-        out.new_token_logprobs.append(req.output_token_logprobs[req.reported_len :] if req.return_logprob else None)
-        out.new_top_logprobs.append(req.output_top_logprobs[req.reported_len :] if req.return_logprob else None)
-        req.reported_len = len(req.output_ids)
-        out.finished_reasons.append(req.finished_reason)
-        out.prompt_tokens.append(len(req.origin_input_ids))
-        out.completion_tokens.append(len(req.output_ids))
-        out.cached_tokens.append(req.cached_tokens)
-        out.skip_special_tokens.append(req.sampling_params.skip_special_tokens)
-        out.stop_strings.append(list(req.sampling_params.stop or ()))
+        self.output.add(req)

@@ -81,8 +81,8 @@ def assert_no_leak(sched: Scheduler) -> None:
     # step's cost does not grow with the number of requests ever served.
     assert not sched.requests and not sched.pending_aborts
     assert sched.flush_cache()
+    assert sched.kv.leaks() == []
     assert sched.allocator.available_size() == sched.capacity
-    assert sched.req_to_token_pool.available_size() == sched.req_to_token_pool.size
 
 
 def greedy(max_new: int, **kw) -> SamplingParams:

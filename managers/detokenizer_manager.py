@@ -15,12 +15,15 @@ import os
 import signal
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from managers.io_struct import BatchStrOut, BatchTokenIDOut
 from managers.liveness import exit_with_parent
+
+if TYPE_CHECKING:
+    from managers.process_config import DetokenizerProcessConfig
 
 logger = logging.getLogger(__name__)
 
@@ -79,17 +82,17 @@ class IncrementalDetokenizer:
             state.read_offset = len(state.ids)
 
 
-def run_detokenizer_process(server_args, port_args, ready: Connection) -> None:
+def run_detokenizer_process(config: DetokenizerProcessConfig, port_args, ready: Connection) -> None:
     from managers.scheduler_process import _configure_child_logging
 
-    _configure_child_logging(server_args.log_level, "detokenizer")
+    _configure_child_logging(config.log_level, "detokenizer")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     exit_with_parent(port_args.socket_dir, "detokenizer")
     parent = os.getppid()
     try:
         from managers.tokenizer_loading import load_tokenizer
 
-        detokenizer = IncrementalDetokenizer(load_tokenizer(server_args))
+        detokenizer = IncrementalDetokenizer(load_tokenizer(config.tokenizer))
         context = zmq.Context(1)
         context.setsockopt(zmq.LINGER, 0)  # never wait at exit for a reader that is gone
         recv = context.socket(zmq.PULL)

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from multiprocessing.connection import Connection
 
 import zmq
@@ -32,6 +33,9 @@ from managers.io_struct import (
     TokenizedGenerateReq,
 )
 from managers.liveness import Heartbeat, exit_with_parent
+
+if TYPE_CHECKING:
+    from managers.process_config import SchedulerProcessConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,21 +71,20 @@ class PortArgs:
 
 
 def run_scheduler_process(
-    server_args,
+    config: SchedulerProcessConfig,
     port_args: PortArgs,
     ready: Connection,
     tp_rank: int = 0,
     dist_init_addr: str | None = None,
     heartbeat: Heartbeat | None = None,
 ) -> None:
-    """Process entry point for TP rank `tp_rank`. `server_args` is a
-    runtime.server_args.ServerArgs (typed loosely: managers must not import
-    runtime). Rank 0 owns the sockets; with tp_size > 1 it broadcasts what it
+    """Process entry point for TP rank `tp_rank` (`config` is built for that
+    rank). Rank 0 owns the sockets; with tp_size > 1 it broadcasts what it
     receives to the other ranks, and every rank runs the same schedule.
     `heartbeat` (rank 0 on node 0) is stamped every loop iteration."""
-    tp_size = server_args.tp_size
+    tp_size = config.tp_size
     name = "scheduler" if tp_size == 1 else f"scheduler TP{tp_rank}"
-    _configure_child_logging(server_args.log_level, name)
+    _configure_child_logging(config.log_level, name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     exit_with_parent(port_args.socket_dir, name)
     stop = _StopFlag()
@@ -99,25 +102,23 @@ def run_scheduler_process(
         from managers.tokenizer_loading import load_tokenizer
         from model_executor.distributed import DistInitConfig, init_tp_group
 
-        if tp_size > 1 and server_args.device == "cpu":
+        runner_config = config.runner
+        if tp_size > 1 and runner_config.device == "cpu":
             # The node's ranks share its cores; oversubscribed OpenMP teams
             # spin against each other.
             cores = len(os.sched_getaffinity(0))
-            torch.set_num_threads(max(1, cores // server_args.ranks_per_node))
-        runner_config = server_args.model_runner_config(tp_rank)
+            torch.set_num_threads(max(1, cores // config.ranks_per_node))
         tp_group = None
         if tp_size > 1:
             tp_group = init_tp_group(
-                DistInitConfig(tp_size, tp_rank, dist_init_addr, runner_config.device, server_args.dist_timeout)
+                DistInitConfig(tp_size, tp_rank, dist_init_addr, runner_config.device, config.dist_timeout_s)
             )
-        tokenizer = None
-        if not server_args.skip_tokenizer_init:
-            tokenizer = load_tokenizer(server_args)
+        tokenizer = None if config.tokenizer is None else load_tokenizer(config.tokenizer)
         scheduler = Scheduler(
             runner_config,
-            server_args.scheduler_config(),
+            config.scheduler,
             tokenizer=tokenizer,
-            eos_token_ids=eos_token_ids_of(server_args.model_path, tokenizer),
+            eos_token_ids=eos_token_ids_of(config.model_path, tokenizer),
             tp_group=tp_group,
         )
         runner = scheduler.worker.model_runner
@@ -125,7 +126,7 @@ def run_scheduler_process(
         ready.send(
             SchedulerReady(
                 max_total_num_tokens=runner.max_total_num_tokens,
-                max_running_requests=server_args.max_running_requests,
+                max_running_requests=runner_config.max_running_requests,
                 context_len=runner.model_config.context_len,
                 vocab_size=runner.model_config.vocab_size,
                 dtype=str(runner.dtype).removeprefix("torch."),

@@ -6,14 +6,13 @@ through start-up."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from managers.process_config import TokenizerConfig
 
 
-def load_tokenizer(server_args: Any) -> Any:
-    """`server_args` is a runtime.server_args.ServerArgs (typed loosely:
-    managers must not import runtime)."""
+def load_tokenizer(config: TokenizerConfig) -> Any:
     from transformers import AutoTokenizer  # slow import: only in the processes that need it
 
-    return AutoTokenizer.from_pretrained(
-        server_args.tokenizer_path, trust_remote_code=server_args.trust_remote_code
-    )
+    return AutoTokenizer.from_pretrained(config.path, trust_remote_code=config.trust_remote_code)

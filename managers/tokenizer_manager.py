@@ -168,7 +168,7 @@ class TokenizerManager:
         self.vocab_size = ready.vocab_size
         self.tokenizer = None
         if not server_args.skip_tokenizer_init:
-            self.tokenizer = load_tokenizer(server_args)
+            self.tokenizer = load_tokenizer(server_args.tokenizer_config())
         self.zmq_context = zmq.asyncio.Context(1)
         # Never block an exit on undelivered messages: the peers may be dead.
         self.zmq_context.setsockopt(zmq.LINGER, 0)

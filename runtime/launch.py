@@ -121,16 +121,16 @@ def launch_children(server_args) -> ChildProcesses:
     socket_dir = tempfile.mkdtemp(prefix="rxs-", dir="/tmp")
     port_args = PortArgs.in_dir(socket_dir)
     heartbeat = Heartbeat(os.path.join(socket_dir, "heartbeat")) if server_args.node_rank == 0 else None
-    common = {"server_args": server_args, "port_args": port_args}
     targets: list[tuple[str, Callable, dict]] = []
     for rank in server_args.local_tp_ranks():
         name = "scheduler" if server_args.tp_size == 1 else f"scheduler_tp{rank}"
         targets.append((name, run_scheduler_process, {
-            **common, "tp_rank": rank, "dist_init_addr": dist_init_addr,
-            "heartbeat": heartbeat if rank == 0 else None,
+            "config": server_args.scheduler_process_config(rank), "port_args": port_args,
+            "tp_rank": rank, "dist_init_addr": dist_init_addr, "heartbeat": heartbeat if rank == 0 else None,
         }))
     if server_args.node_rank == 0:
-        targets.append(("detokenizer", run_detokenizer_process, common))
+        targets.append(("detokenizer", run_detokenizer_process,
+                        {"config": server_args.detokenizer_process_config(), "port_args": port_args}))
     processes: dict[str, ChildProcess] = {}
     pipes: dict[str, Connection] = {}
     children = ChildProcesses(processes, socket_dir, port_args, ready=None, heartbeat=heartbeat)  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from layers.attention.registry import attention_backend_names, device_error
 
 if TYPE_CHECKING:
+    from managers.process_config import DetokenizerProcessConfig, SchedulerProcessConfig, TokenizerConfig
     from managers.scheduler_config import SchedulerConfig
     from model_executor.model_config import ModelRunnerConfig
 
@@ -331,6 +332,30 @@ class ServerArgs:
             and (self.device != "cpu" or self.enable_cpu_overlap),
             max_queued_requests=self.max_queued_requests,
         )
+
+    def tokenizer_config(self) -> TokenizerConfig:
+        from managers.process_config import TokenizerConfig
+
+        return TokenizerConfig(self.tokenizer_path, self.trust_remote_code)
+
+    def scheduler_process_config(self, tp_rank: int) -> SchedulerProcessConfig:
+        from managers.process_config import SchedulerProcessConfig
+
+        return SchedulerProcessConfig(
+            runner=self.model_runner_config(tp_rank),
+            scheduler=self.scheduler_config(),
+            tokenizer=None if self.skip_tokenizer_init else self.tokenizer_config(),
+            model_path=self.model_path,
+            tp_size=self.tp_size,
+            ranks_per_node=self.ranks_per_node,
+            dist_timeout_s=self.dist_timeout,
+            log_level=self.log_level,
+        )
+
+    def detokenizer_process_config(self) -> DetokenizerProcessConfig:
+        from managers.process_config import DetokenizerProcessConfig
+
+        return DetokenizerProcessConfig(self.tokenizer_config(), self.log_level)
 
 
 def _base_type(hint: Any) -> type:

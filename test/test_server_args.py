@@ -377,3 +377,22 @@ def test_flashinfer_workspace_flag():
     assert args.model_runner_config().flashinfer_workspace_mb == 512
     with pytest.raises(ValueError, match="--flashinfer-workspace-mb must be >= 1, got 0"):
         prepare_server_args(BASE + ["--flashinfer-workspace-mb", "0"])
+
+
+def test_child_processes_get_typed_configs_not_server_args() -> None:
+    import pickle
+
+    from managers.process_config import DetokenizerProcessConfig, SchedulerProcessConfig
+
+    args = ServerArgs(model_path="m", device="cpu", tp_size=2, log_level="debug", dist_timeout=42,
+                      enable_mixed_chunk=True)
+    config = args.scheduler_process_config(1)
+    assert isinstance(config, SchedulerProcessConfig)
+    assert config.runner == args.model_runner_config(1) and config.runner.tp_rank == 1
+    assert config.scheduler == args.scheduler_config() and config.scheduler.enable_mixed_chunk
+    assert (config.tp_size, config.ranks_per_node, config.dist_timeout_s, config.log_level) == (2, 2, 42, "debug")
+    assert config.tokenizer is not None and config.tokenizer.path == "m"
+    assert pickle.loads(pickle.dumps(config)) == config  # it travels to the child pickled
+    assert ServerArgs(model_path="m", device="cpu", skip_tokenizer_init=True).scheduler_process_config(0).tokenizer is None
+    detok = args.detokenizer_process_config()
+    assert isinstance(detok, DetokenizerProcessConfig) and detok.tokenizer == config.tokenizer

@@ -59,9 +59,12 @@ def test_config_loader_gets_the_flag(remote_code_model):
 def test_tokenizer_loader_gets_the_flag(remote_code_model):
     args = lambda trust: ServerArgs(model_path=str(remote_code_model), device="cpu", trust_remote_code=trust)  # noqa: E731
     with pytest.raises(ValueError, match="trust_remote_code=True"):
-        load_tokenizer(args(False))
-    assert type(load_tokenizer(args(True))).__name__ == "RadixTestTokenizerFast"
+        load_tokenizer(args(False).tokenizer_config())
+    assert type(load_tokenizer(args(True).tokenizer_config())).__name__ == "RadixTestTokenizerFast"
     assert args(True).model_runner_config().trust_remote_code
+    # What each child process gets carries it too.
+    assert args(True).scheduler_process_config(0).tokenizer.trust_remote_code
+    assert args(True).detokenizer_process_config().tokenizer.trust_remote_code
 
 
 def test_engine_needs_the_flag(remote_code_model):

@@ -23,14 +23,14 @@ which is discarded and its KV released with the rest.
 Parts: `prefill_admission.py` picks and allocates prefills (with the
 policy's order and budgets, schedule_policy.py), `cache_manager.py` owns
 every request's KV bookkeeping (rows, slots, prefix locks, release),
-`output_report.py` gathers what a step reports; this module is the loop,
-decode room and retraction, and applying a step's results.
+`result_processing.py` applies a step to its requests, `output_report.py`
+gathers what a step reports; this module is the loop, request intake,
+decode room and retraction, and aborts.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,6 +40,7 @@ from managers.cache_manager import CacheManager
 from managers.iteration_timings import IterationTimings
 from managers.output_report import OutputReport
 from managers.prefill_admission import PrefillAdmission
+from managers.result_processing import RequestQueues, ResultProcessor
 from managers.scheduler_config import SchedulerConfig
 from managers.io_struct import AbortReq, BatchTokenIDOut, FinishReason, TokenizedGenerateReq
 from managers.request_checks import refusal
@@ -69,7 +70,6 @@ class Scheduler:
         tp_group: TPGroup | None = None,
     ) -> None:
         self.config = config
-        self.tokenizer = tokenizer  # for stop strings only
         self.eos_token_ids = frozenset(eos_token_ids)
         self.worker = TpModelWorker(runner_config, tp_group)
         runner = self.worker.model_runner
@@ -91,9 +91,9 @@ class Scheduler:
             if config.enable_overlap
             else SyncExecutor(self.worker)
         )
-        self.waiting: list[Req] = []
-        self.running: list[Req] = []
-        self.chunked_req: Req | None = None
+        self.queues = RequestQueues()
+        self.results = ResultProcessor(self.queues, self.kv, self.admission, tokenizer, config.enable_overlap,
+                                       self._release, self._report)
         self.inflight: _InFlight | None = None
         # Reported requests not yet finished, by rid (for aborts). Hidden
         # requests are never in it: nothing outside can name them.
@@ -103,6 +103,12 @@ class Scheduler:
         self.output = OutputReport()
         self.num_retractions = 0
         self.timings = IterationTimings()
+
+    # The queues live in one object that result processing shares.
+    waiting = property(lambda self: self.queues.waiting, lambda self, v: setattr(self.queues, "waiting", v))
+    running = property(lambda self: self.queues.running, lambda self, v: setattr(self.queues, "running", v))
+    chunked_req = property(lambda self: self.queues.chunked_req,
+                           lambda self, v: setattr(self.queues, "chunked_req", v))
 
     # -- requests in -------------------------------------------------------------
 
@@ -209,7 +215,7 @@ class Scheduler:
                 forward_batch = batch.forward_batch()
             with clock.phase("forward"):
                 placeholders = self.executor.launch(forward_batch, batch.top_logprobs_num())
-            self._on_launch(batch, placeholders)
+            self.results.on_launch(batch, placeholders)
             launched = _InFlight(batch, placeholders)
         done = self.inflight if self.config.enable_overlap else launched
         if done is not None:
@@ -223,6 +229,10 @@ class Scheduler:
             if clock.iterations % 200 == 0 and logger.isEnabledFor(logging.DEBUG):
                 logger.debug("iteration timings: %s", clock.summary())
         return self.output.take()
+
+    def _process_result(self, done: _InFlight, result: StepResult, next_batch: _InFlight | None) -> None:
+        self.results.process(done.batch, done.placeholders, result,
+                             next_batch.batch if next_batch is not None else None)
 
     def _wait_result(self) -> StepResult:
         """Forward + sampling as the scheduler sees it: under overlap only the
@@ -306,62 +316,6 @@ class Scheduler:
         return ScheduleBatch(reqs, self.req_to_token_pool, self.allocator, self.device, self.vocab_size)
 
     # -- results -----------------------------------------------------------------
-
-    def _on_launch(self, batch: ScheduleBatch, placeholders: torch.Tensor | None) -> None:
-        """State moves as if the batch had already run (overlap plans ahead)."""
-        for i, (req, decoding, partial) in enumerate(zip(batch.reqs, batch.decoding, batch.partial_chunk)):
-            if partial:
-                self.chunked_req = req
-                continue
-            if placeholders is not None:
-                req.pending_placeholder = int(placeholders[i])
-            prefill_only = req.sampling_params.max_new_tokens == 0
-            if not decoding and not prefill_only and req not in self.running:
-                self.running.append(req)
-
-    def _process_result(self, done: _InFlight, result: StepResult, next_batch: _InFlight | None) -> None:
-        batch, ids = done.batch, result.next_token_ids.tolist()
-        logprobs = result.per_row_logprobs()
-        placeholders = done.placeholders.tolist() if done.placeholders is not None else [None] * len(ids)
-        in_next = set(map(id, next_batch.batch.reqs)) if next_batch is not None else set()
-        rows = zip(batch.reqs, batch.decoding, batch.partial_chunk, ids, placeholders, logprobs)
-        for req, decoding, partial, token, placeholder, logprob in rows:
-            if req.finished():
-                # Finished in the previous batch; this one ran a spare token.
-                if id(req) not in in_next:
-                    self._release(req)
-                continue
-            if partial:
-                if not self.config.enable_overlap:
-                    self.kv.cache_prefill(req)
-                continue
-            if req.sampling_params.max_new_tokens == 0:
-                req.finished_reason = FinishReason("length", 0)  # prefill only
-            else:
-                req.output_ids.append(token)
-                if req.return_logprob and logprob is not None:
-                    req.output_token_logprobs.append((logprob[0], token))
-                    req.output_top_logprobs.append(logprob[1][: req.top_logprobs_num])
-                if req.pending_placeholder == placeholder:  # else a later batch's is pending
-                    req.pending_placeholder = None
-                if req.first_token_at is None:
-                    req.first_token_at = time.monotonic()
-                req.check_finished(self.tokenizer)
-                if req in self.waiting:
-                    # Retracted while this batch ran: the token stands, and
-                    # the re-prefill must include it.
-                    req.init_next_round_input()
-            if not decoding:
-                self.admission.drop_claim(req)
-            if req.finished():
-                self.running = [r for r in self.running if r is not req]
-                self.waiting = [r for r in self.waiting if r is not req]
-                if id(req) not in in_next:
-                    self._release(req)
-            elif not decoding and req.req_pool_idx is not None:
-                # Prefill done: share the prompt now, not when the request ends.
-                self.kv.cache_prefill(req)
-            self._report(req)
 
     def _release(self, req: Req) -> None:
         self.admission.drop_claim(req)

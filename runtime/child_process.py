@@ -16,11 +16,13 @@ still notice a dead parent through managers/liveness.py.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection, Pipe
 from typing import Any
@@ -107,7 +109,24 @@ def _main() -> None:
             sys.path.append(path)
     ready = Connection(payload["ready_fd"], readable=False)
     target, kwargs = pickle.loads(payload["call"])
-    target(ready=ready, **kwargs)
+    code = 1
+    try:
+        target(ready=ready, **kwargs)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        # Leave as multiprocessing's children did: flush, then os._exit,
+        # skipping interpreter teardown. Tearing down a process that holds a
+        # torch.distributed (gloo) group runs C++ destructors of still-live
+        # threads: "terminate called without an active exception", SIGABRT,
+        # seen on a TP rank that had stopped cleanly.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

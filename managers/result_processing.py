@@ -1,0 +1,106 @@
+"""Applying a step to its requests: at launch (state moves as if the batch had
+run, so overlap can plan the next one) and when its sampled tokens arrive
+(append, check stop conditions, share prefilled prompts, release finished
+requests, report)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from managers.cache_manager import CacheManager
+from managers.io_struct import FinishReason
+from managers.prefill_admission import PrefillAdmission
+from managers.schedule_batch import Req, ScheduleBatch
+from managers.tp_worker import StepResult
+
+
+@dataclass
+class RequestQueues:
+    """The scheduler's request state that result processing moves requests between."""
+
+    waiting: list[Req] = field(default_factory=list)
+    running: list[Req] = field(default_factory=list)
+    chunked_req: Req | None = None  # mid-prompt: its next chunk goes first
+
+    def remove(self, req: Req) -> None:
+        self.running = [r for r in self.running if r is not req]
+        self.waiting = [r for r in self.waiting if r is not req]
+
+
+class ResultProcessor:
+    def __init__(self, queues: RequestQueues, kv: CacheManager, admission: PrefillAdmission, tokenizer: Any,
+                 overlap: bool, release: Callable[[Req], None], report: Callable[[Req], None]) -> None:
+        self.queues = queues
+        self.kv = kv
+        self.admission = admission
+        self.tokenizer = tokenizer  # for stop strings only
+        self.overlap = overlap
+        self.release = release
+        self.report = report
+
+    def on_launch(self, batch: ScheduleBatch, placeholders: torch.Tensor | None) -> None:
+        """State moves as if the batch had already run (overlap plans ahead)."""
+        queues = self.queues
+        for i, (req, decoding, partial) in enumerate(zip(batch.reqs, batch.decoding, batch.partial_chunk)):
+            if partial:
+                queues.chunked_req = req
+                continue
+            if placeholders is not None:
+                req.pending_placeholder = int(placeholders[i])
+            prefill_only = req.sampling_params.max_new_tokens == 0
+            if not decoding and not prefill_only and req not in queues.running:
+                queues.running.append(req)
+
+    def process(self, batch: ScheduleBatch, placeholders: torch.Tensor | None, result: StepResult,
+                next_batch: ScheduleBatch | None) -> None:
+        """`next_batch`: the batch already launched after this one (overlap),
+        whose requests keep their KV until it is processed too."""
+        ids = result.next_token_ids.tolist()
+        logprobs = result.per_row_logprobs()
+        slots = placeholders.tolist() if placeholders is not None else [None] * len(ids)
+        in_next = set(map(id, next_batch.reqs)) if next_batch is not None else set()
+        rows = zip(batch.reqs, batch.decoding, batch.partial_chunk, ids, slots, logprobs)
+        for req, decoding, partial, token, placeholder, logprob in rows:
+            if req.finished():
+                # Finished in the previous batch; this one ran a spare token.
+                if id(req) not in in_next:
+                    self.release(req)
+                continue
+            if partial:
+                if not self.overlap:
+                    self.kv.cache_prefill(req)
+                continue
+            if req.sampling_params.max_new_tokens == 0:
+                req.finished_reason = FinishReason("length", 0)  # prefill only
+            else:
+                self._append(req, token, placeholder, logprob)
+            if not decoding:
+                self.admission.drop_claim(req)
+            if req.finished():
+                self.queues.remove(req)
+                if id(req) not in in_next:
+                    self.release(req)
+            elif not decoding and req.req_pool_idx is not None:
+                # Prefill done: share the prompt now, not when the request ends.
+                self.kv.cache_prefill(req)
+            self.report(req)
+
+    def _append(self, req: Req, token: int, placeholder: int | None, logprob) -> None:
+        req.output_ids.append(token)
+        if req.return_logprob and logprob is not None:
+            req.output_token_logprobs.append((logprob[0], token))
+            req.output_top_logprobs.append(logprob[1][: req.top_logprobs_num])
+        if req.pending_placeholder == placeholder:  # else a later batch's is pending
+            req.pending_placeholder = None
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        req.check_finished(self.tokenizer)
+        if req in self.queues.waiting:
+            # Retracted while this batch ran: the token stands, and the
+            # re-prefill must include it.
+            req.init_next_round_input()

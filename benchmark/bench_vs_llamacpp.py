@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -161,6 +161,23 @@ def running(cmd: list[str], health_url: str, log: pathlib.Path) -> Iterator[None
                 proc.wait()
 
 
+def add_serving_workload_args(p: argparse.ArgumentParser) -> None:
+    """The seeded bench_serving workload both serving comparisons drive."""
+    p.add_argument("--num-prompts", type=int, default=128)
+    p.add_argument("--serve-input-len", type=int, default=192)
+    p.add_argument("--serve-output-len", type=int, default=192)
+    p.add_argument("--serve-range-ratio", type=float, default=0.67,
+                   help="lengths uniform in [len x (1 - ratio), len]: 64-192 by default, as issue 12 measured")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--seed", type=int, default=1)
+
+
+def our_server_cmd(model_path: pathlib.Path, port: int, concurrency: int, extra: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "runtime.launch_server", "--model-path", str(model_path),
+            "--port", str(port), "--served-model-name", "default",
+            "--max-running-requests", str(concurrency), *extra]
+
+
 def drive(base_url: str, backend: str, model_path: pathlib.Path, args: argparse.Namespace) -> dict:
     from benchmark.bench_serving import parse_args, run_benchmark
 
@@ -185,9 +202,7 @@ def serving_rounds(args: argparse.Namespace, llama_dir: pathlib.Path, gguf: path
     llama_cmd = [str(find_binary(llama_dir, "llama-server")), "-m", str(gguf), "--port", str(llama_port),
                  "--parallel", str(args.concurrency), "-c", str(context), "-t", str(args.threads),
                  "--alias", "default"]
-    our_cmd = [sys.executable, "-m", "runtime.launch_server", "--model-path", str(model_path),
-               "--port", str(our_port), "--served-model-name", "default",
-               "--max-running-requests", str(args.concurrency)]
+    our_cmd = our_server_cmd(model_path, our_port, args.concurrency)
     results: dict[str, list[dict]] = {"radixserve": [], "llama.cpp": []}
     # One server at a time: an idle peer still holds memory and threads.
     for _ in range(args.rounds):
@@ -226,13 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--skip-static", action="store_true")
     p.add_argument("--skip-serving", action="store_true")
-    p.add_argument("--num-prompts", type=int, default=128)
-    p.add_argument("--serve-input-len", type=int, default=192)
-    p.add_argument("--serve-output-len", type=int, default=192)
-    p.add_argument("--serve-range-ratio", type=float, default=0.67,
-                   help="lengths uniform in [len x (1 - ratio), len]: 64-192 by default, as issue 12 measured")
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--seed", type=int, default=1)
+    add_serving_workload_args(p)
     p.add_argument("--json", type=pathlib.Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
 

@@ -19,10 +19,9 @@ import json
 import pathlib
 import shlex
 import statistics
-import sys
 import tempfile
 
-from benchmark.bench_vs_llamacpp import _free_port, _warmup, drive, running
+from benchmark.bench_vs_llamacpp import _free_port, _warmup, add_serving_workload_args, drive, our_server_cmd, running
 
 METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms")
 
@@ -39,12 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variant", type=parse_variant, action="append", required=True)
     p.add_argument("--model-path", type=pathlib.Path, default=None, help="default: the small demo model")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--num-prompts", type=int, default=128)
-    p.add_argument("--serve-input-len", type=int, default=192)
-    p.add_argument("--serve-output-len", type=int, default=192)
-    p.add_argument("--serve-range-ratio", type=float, default=0.67)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--seed", type=int, default=1)
+    add_serving_workload_args(p)
     p.add_argument("--json", type=pathlib.Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
     if args.model_path is None:
@@ -57,9 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.rounds):
             for name, flags in args.variant:
                 port = _free_port()
-                cmd = [sys.executable, "-m", "runtime.launch_server", "--model-path", str(model_path),
-                       "--port", str(port), "--served-model-name", "default",
-                       "--max-running-requests", str(args.concurrency), *flags]
+                cmd = our_server_cmd(model_path, port, args.concurrency, flags)
                 url = f"http://127.0.0.1:{port}"
                 with running(cmd, f"{url}/health", pathlib.Path(work) / "server.log"):
                     drive(url, "openai", model_path, _warmup(args))

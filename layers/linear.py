@@ -141,7 +141,8 @@ class MergedColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: int) -> None:
         target = _narrow_output(self, param, sum(self.shard_sizes[:shard_id]), self.shard_sizes[shard_id])
-        dim, size = _output_dim(param), target.shape[_output_dim(param)]
+        dim = _output_dim(param)
+        size = target.shape[dim]
         what = f"merged linear shard {shard_id}"
         piece = _take_shard(loaded, dim, self.tp.rank, size, size * self.tp.size, what)
         _copy_checked(target, piece, what)

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from managers.schedule_batch import EMPTY_SLOTS
+
 if TYPE_CHECKING:
     from managers.schedule_batch import Req
     from mem_cache.allocator import TokenToKVPoolAllocator
@@ -79,7 +81,7 @@ class CacheManager:
         self.tree_cache.dec_lock_ref(req.last_node)
         self.req_to_token_pool.free(req.req_pool_idx)
         req.req_pool_idx, req.last_node = None, None
-        req.prefix_indices = self._empty()
+        req.prefix_indices = EMPTY_SLOTS
         req.kv_committed_len = 0
 
     def make_room(self, needed: int) -> None:
@@ -99,7 +101,7 @@ class CacheManager:
         self.tree_cache.dec_lock_ref(req.last_node)
         self.req_to_token_pool.free(req.req_pool_idx)
         req.req_pool_idx, req.last_node = None, None
-        req.prefix_indices = self._empty()
+        req.prefix_indices = EMPTY_SLOTS
         req.kv_committed_len = 0
         req.pending_placeholder = None
 
@@ -140,8 +142,3 @@ class CacheManager:
                 f"{self.req_to_token_pool.size - self.req_to_token_pool.available_size()} request rows not returned"
             )
         return problems
-
-    def _empty(self) -> torch.Tensor:
-        from managers.schedule_batch import EMPTY_SLOTS
-
-        return EMPTY_SLOTS

@@ -63,16 +63,15 @@ class PrefillAdmission:
             page_size=kv.page_size,
         )
         admitted: list[Req] = []
-        continuing, left_over = chunked_req, None
+        continuing = chunked_req
         if continuing is not None:
             continuing.init_next_round_input()
             adder.add_one_req(continuing, continuing.kv_committed_len)
             if adder.can_run:
                 admitted.append(continuing)
-            else:
-                left_over = continuing
         slots_left = self.max_running_requests - len(decodes) - len(admitted)
-        if left_over is None and adder.new_chunked_req is None:
+        # New requests only after the chunked one is in, and while it left room.
+        if (continuing is None or admitted) and adder.new_chunked_req is None:
             for req in self.policy.order([r for r in waiting if self._schedulable(r)]):
                 if slots_left <= 0 or kv.req_to_token_pool.available_size() <= 0:
                     break
@@ -90,17 +89,17 @@ class PrefillAdmission:
                     slots_left -= 1
                 if result != AddResult.CONTINUE:
                     break
-        batch, left_over = self._allocate(admitted, riders, continuing, left_over)
+        batch = self._allocate(admitted, riders, continuing)
         if batch is None:
             return None  # nothing admitted; a chunked request stays the caller's
         for req in admitted:
             if req is not continuing and req.retractions == 0:
                 # Counted once the batch has its KV: an undone admission is retried.
                 kv.tree_cache.record_hit(req.cached_tokens, len(req.origin_input_ids))
+        left_over = continuing if continuing is not None and continuing not in admitted else None
         return Admission(batch, admitted, left_over)
 
-    def _allocate(self, admitted: list[Req], riders: list[Req], continuing: Req | None,
-                  left_over: Req | None) -> tuple[ScheduleBatch | None, Req | None]:
+    def _allocate(self, admitted: list[Req], riders: list[Req], continuing: Req | None) -> ScheduleBatch | None:
         """Allocate KV for the admitted requests (plus the riders), dropping the
         last admitted until it fits; `admitted` keeps the ones that got in.
 
@@ -113,13 +112,11 @@ class PrefillAdmission:
             batch = self.new_batch(list(admitted))
             self.kv.make_room(batch.new_tokens_needed(riders))
             if batch.prepare_for_extend(riders):
-                return batch, left_over
+                return batch
             last = admitted.pop()
-            if last is continuing:
-                left_over = continuing  # keeps its KV; continues next time
-            else:
+            if last is not continuing:  # a continuing chunk keeps its KV and goes on next time
                 self.unadmit(last)
-        return None, left_over
+        return None
 
     def unadmit(self, req: Req) -> None:
         """Undo admission (`CacheManager.start` and the adder's chunk cut) for a

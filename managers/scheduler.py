@@ -276,10 +276,8 @@ class Scheduler:
         return batch
 
     def _admit_prefill(self, decodes: list[Req], riders: list[Req]) -> ScheduleBatch | None:
-        chunked, self.chunked_req = self.chunked_req, None
-        admission = self.admission.admit(self.waiting, chunked, decodes, riders)
+        admission = self.admission.admit(self.waiting, self.chunked_req, decodes, riders)
         if admission is None:
-            self.chunked_req = chunked
             return None
         self.chunked_req = admission.chunked_req
         admitted = set(map(id, admission.admitted))

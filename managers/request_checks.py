@@ -21,14 +21,14 @@ MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
-_INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "n", "seed"}
+_INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "n", "seed", "no_repeat_ngram_size"}
 _BOOL_FIELDS = {"ignore_eos", "skip_special_tokens"}
 
 
 def check_field_type(name: str, value: Any) -> None:
     """JSON gives us any type; name the field whose value has the wrong one."""
     # max_new_tokens None: as many as the context has room for.
-    if value is None and name in ("seed", "stop", "stop_token_ids", "max_new_tokens"):
+    if value is None and name in ("seed", "stop", "stop_token_ids", "max_new_tokens", "logit_bias"):
         return
     if name in _INT_FIELDS:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -38,6 +38,8 @@ def check_field_type(name: str, value: Any) -> None:
     elif name == "stop":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         expected = "a string or a list of strings"
+    elif name == "logit_bias":
+        ok, expected = isinstance(value, dict), "an object mapping token ids to numbers"
     elif name == "stop_token_ids":
         ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         expected = "a list of integers"
@@ -131,7 +133,7 @@ def parse_sampling_params(raw: dict) -> SamplingParams:
     return params
 
 
-def refusal(input_ids: list[int], max_new_tokens: int, *, vocab_size: int, context_len: int, capacity: int,
+def refusal(input_ids: list[int], params: SamplingParams, *, vocab_size: int, context_len: int, capacity: int,
             max_queued: int | None) -> FinishReason | None:
     """Why the scheduler refuses a request outright (an abort with the HTTP
     status the caller should see), or None. `max_queued` is given only when
@@ -144,6 +146,10 @@ def refusal(input_ids: list[int], max_new_tokens: int, *, vocab_size: int, conte
         # reaching the embedding would kill the process (or the GPU).
         return FinishReason("abort", message=f"token id {bad[1]} is outside the vocabulary [0, {vocab_size})",
                             status_code=400)
+    if (bad_bias := first_out_of_vocab(params.logit_bias_ids() or [0], vocab_size)) is not None:
+        return FinishReason("abort", message=f"logit_bias token id {bad_bias[1]} is outside the vocabulary "
+                            f"[0, {vocab_size})", status_code=400)
+    max_new_tokens = params.max_new_tokens
     if max_queued is not None:
         return FinishReason("abort", message=f"the queue is full ({max_queued} requests waiting); retry later",
                             status_code=503)

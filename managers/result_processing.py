@@ -92,6 +92,8 @@ class ResultProcessor:
 
     def _append(self, req: Req, token: int, placeholder: int | None, logprob) -> None:
         req.output_ids.append(token)
+        for processor in req.logits_processors:
+            processor.accept(token)
         if req.return_logprob and logprob is not None:
             req.output_token_logprobs.append((logprob[0], token))
             req.output_top_logprobs.append(logprob[1][: req.top_logprobs_num])

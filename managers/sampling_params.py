@@ -2,7 +2,7 @@
 
 Lives in ``managers/`` because the tokenizer side validates them before a request
 is queued; it deliberately does not import torch so the HTTP process stays light.
-``layers/sampler.py`` reads these fields through its ``SamplingParamsLike`` protocol.
+``sampling/`` turns them into the sampler's inputs and logits processors.
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ from dataclasses import dataclass
 # Temperatures below this sample as greedy: dividing logits by them overflows
 # (1e-38 gave inf logits and NaN probabilities). SGLang and vLLM do the same.
 GREEDY_TEMPERATURE = 1e-5
+# logit_bias at or below this bans the token (OpenAI: "-100 should result in a ban").
+BAN_BIAS = -100.0
+# One request's logit_bias entries: the bias is a dense row per step, the
+# entries are host work per step.
+MAX_LOGIT_BIAS = 1024
 
 
 @dataclass
@@ -31,6 +36,12 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     n: int = 1
+    # {token id (a string, as JSON keys are): bias in [-100, 100]}, added to
+    # the logits; -100 bans the token. OpenAI's and SGLang's field.
+    logit_bias: dict[str, float] | None = None
+    # Ban tokens that would repeat an n-gram of this size already in the
+    # sequence (transformers' generate option); 0 disables it.
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         # OpenAI-style clients send top_k=0 for "disabled"; keep a single spelling.
@@ -76,3 +87,19 @@ class SamplingParams:
             )
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if self.logit_bias:
+            self._validate_logit_bias()
+
+    def _validate_logit_bias(self) -> None:
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias.items():
+            if not str(token).isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {token}")
+
+    def logit_bias_ids(self) -> list[int]:
+        return [int(t) for t in self.logit_bias or ()]

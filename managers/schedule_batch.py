@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from layers.sampler import SamplingBatchInfo
 from managers.io_struct import FinishReason
 from managers.sampling_params import SamplingParams
 from mem_cache.allocator import TokenToKVPoolAllocator
 from mem_cache.memory_pool import ReqToTokenPool
 from model_executor.forward_batch import ForwardBatch, ForwardMode
+from sampling.logits_processors import LogitsProcessor
+from sampling.plan import SamplingPlan
 
 EMPTY_SLOTS = torch.empty(0, dtype=torch.int64)
 
@@ -102,6 +103,8 @@ class Req:
     prefix_claim: tuple[int, ...] | None = None  # prefix this request computes for others
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    # Built from the sampling params when queued (sampling/logits_processors.py).
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
     # Per output token: (logprob, token id), and its top alternatives.
     output_token_logprobs: list[tuple[float, int]] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
@@ -243,17 +246,7 @@ class ScheduleBatch:
         asked = [r.top_logprobs_num for r in self.reqs if r.return_logprob]
         return max(asked) if asked else -1
 
-    def forward_batch(self) -> ForwardBatch:
-        info = SamplingBatchInfo.build(
-            [r.sampling_params for r in self.reqs],
-            self.vocab_size,
-            self.device,
-            prompt_ids=[r.origin_input_ids for r in self.reqs],
-            output_ids=[r.output_ids for r in self.reqs],
-        )
-        # Under overlap a request's newest token may still be in flight; the
-        # seeded sampler must count it (same draws as the plain loop).
-        info.output_lens = [len(r.output_ids) + (r.pending_placeholder is not None) for r in self.reqs]
+    def forward_batch(self, sampling: SamplingPlan) -> ForwardBatch:
         return ForwardBatch.build(
             self.forward_mode,
             self.input_ids,
@@ -262,5 +255,5 @@ class ScheduleBatch:
             self.extend_lens,
             self.out_cache_loc,
             self.device,
-            sampling_info=info,
+            sampling_plan=sampling,
         )

@@ -47,10 +47,13 @@ from managers.request_checks import refusal
 from managers.schedule_batch import Req, ScheduleBatch
 from managers.sampling_params import SamplingParams
 from managers.schedule_policy import SchedulePolicy
+from sampling.plan import SamplingPlan
 from managers.tp_worker import OverlapTpWorker, StepResult, SyncExecutor, TpModelWorker
 from mem_cache.radix_cache import NoSharingCache, RadixCache
 from model_executor.distributed import TPGroup
 from model_executor.model_config import ModelRunnerConfig
+from sampling.logits_processors import logits_processors_for
+from sampling.planner import SamplingPlanner
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ logger = logging.getLogger(__name__)
 class _InFlight:
     batch: ScheduleBatch
     placeholders: torch.Tensor | None
+    sampling: SamplingPlan
 
 
 class Scheduler:
@@ -91,6 +95,7 @@ class Scheduler:
             if config.enable_overlap
             else SyncExecutor(self.worker)
         )
+        self.sampling = SamplingPlanner(self.vocab_size)
         self.queues = RequestQueues()
         self.results = ResultProcessor(self.queues, self.kv, self.admission, tokenizer, config.enable_overlap,
                                        self._release, self._report)
@@ -150,13 +155,14 @@ class Scheduler:
                   return_logprob=return_logprob, top_logprobs_num=top_logprobs_num)
         if not hidden:
             self.requests[req.rid] = req
-        refused = refusal(req.origin_input_ids, params.max_new_tokens, vocab_size=self.vocab_size,
+        refused = refusal(req.origin_input_ids, params, vocab_size=self.vocab_size,
                           context_len=self.context_len, capacity=self.capacity,
                           max_queued=self.config.max_queued_requests if queue_full else None)
         if refused is not None:
             req.finished_reason = refused
             self._report(req)
             return req
+        req.logits_processors = logits_processors_for(params, req.origin_input_ids)
         req.init_next_round_input()
         self.waiting.append(req)
         return req
@@ -203,25 +209,27 @@ class Scheduler:
         clock = self.timings
         with clock.phase("process"):
             self._apply_aborts()
-            if self.inflight is not None and self._needs_fresh_state():
-                # Penalties need the previous token's counts: no planning ahead.
-                self._process_result(self.inflight, self._wait_result(), None)
-                self.inflight = None
         with clock.phase("schedule"):
             batch = self._next_batch()
         launched = None
         if batch is not None:
             with clock.phase("prepare"):
-                forward_batch = batch.forward_batch()
+                sampling = self.sampling.plan(batch, defer_output_readers=self.inflight is not None)
+                forward_batch = batch.forward_batch(sampling)
             with clock.phase("forward"):
                 placeholders = self.executor.launch(forward_batch, batch.top_logprobs_num())
             self.results.on_launch(batch, placeholders)
-            launched = _InFlight(batch, placeholders)
+            launched = _InFlight(batch, placeholders, sampling)
         done = self.inflight if self.config.enable_overlap else launched
         if done is not None:
             result = self._wait_result()
             with clock.phase("process"):
                 self._process_result(done, result, launched if self.config.enable_overlap else None)
+        pending = launched.sampling.adjustments if launched is not None else None
+        if pending is not None and not pending.ready:
+            # Its processors read the tokens just accepted; its forward is running.
+            with clock.phase("process"):
+                self.sampling.fill(pending, launched.batch.reqs)
         if self.config.enable_overlap:
             self.inflight = launched
         if batch is not None:
@@ -239,12 +247,6 @@ class Scheduler:
         part not hidden behind its own CPU work."""
         with self.timings.phase("forward"):
             return self.executor.result()
-
-    def _needs_fresh_state(self) -> bool:
-        def penalised(r: Req) -> bool:
-            p = r.sampling_params
-            return p.frequency_penalty != 0 or p.presence_penalty != 0 or p.repetition_penalty != 1
-        return any(penalised(r) for r in self.running)
 
     def run_until_idle(self, max_steps: int = 100_000) -> list[BatchTokenIDOut]:
         outputs = []
@@ -307,6 +309,7 @@ class Scheduler:
         logger.info("retracted %s after %d tokens to free KV", req.rid, len(req.output_ids))
 
     def _free_own_kv(self, req: Req) -> None:
+        self.sampling.leave(req)
         self.admission.drop_claim(req)
         self.kv.free_own_kv(req)
 
@@ -316,6 +319,7 @@ class Scheduler:
     # -- results -----------------------------------------------------------------
 
     def _release(self, req: Req) -> None:
+        self.sampling.leave(req)
         self.admission.drop_claim(req)
         self.kv.release(req)
 

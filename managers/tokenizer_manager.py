@@ -319,6 +319,7 @@ class TokenizerManager:
                 room = min(self.context_len, self.kv_capacity) - len(prompt)
                 sampling.max_new_tokens = max(sampling.min_new_tokens, room)  # too long: _check_length says so
             self._check_ids(prompt)
+            self._check_logit_bias(sampling)
             self._check_length(prompt, sampling)
             out.append(
                 TokenizedGenerateReq(
@@ -339,6 +340,11 @@ class TokenizerManager:
             raise ValueError(
                 f"token id {token} at position {pos} is outside the vocabulary [0, {self.vocab_size})"
             )
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        bad = first_out_of_vocab(params.logit_bias_ids() or [0], self.vocab_size)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad[1]} is outside the vocabulary [0, {self.vocab_size})")
 
     def _check_length(self, prompt: list[int], params: SamplingParams) -> None:
         total = len(prompt) + params.max_new_tokens

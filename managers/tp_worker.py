@@ -67,6 +67,7 @@ class TpModelWorker:
             # Every rank sampled from the same gathered logits, but random
             # draws need not agree: rank 0's ids are the ones all ranks keep.
             ids = self.tp_group.broadcast_tensor(ids.contiguous())
+        self.model_runner.record_sampled(batch, ids)
         if top_logprobs_num < 0:
             return StepResult(ids)
         logprobs = torch.log_softmax(logits.next_token_logits.float(), dim=-1)

@@ -21,6 +21,7 @@ import torch
 if TYPE_CHECKING:
     from layers.attention.base import AttentionBackend
     from layers.sampler import SamplingBatchInfo
+    from sampling.plan import SamplingPlan
     from mem_cache.memory_pool import KVPool, ReqToTokenPool
 
 
@@ -53,7 +54,10 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     extend_prefix_lens_cpu: list[int]
     extend_seq_lens_cpu: list[int]
+    # How to sample: explicit inputs (offline callers), or the scheduler's
+    # plan over the rows the worker keeps (sampling/); neither: greedy.
     sampling_info: SamplingBatchInfo | None = None
+    sampling_plan: SamplingPlan | None = None
     # Logits for every new token instead of only the last of each sequence
     # (prompt logprobs; parity tests).
     return_all_logits: bool = False
@@ -78,6 +82,7 @@ class ForwardBatch:
         device: torch.device | str,
         sampling_info: SamplingBatchInfo | None = None,
         return_all_logits: bool = False,
+        sampling_plan: SamplingPlan | None = None,
     ) -> ForwardBatch:
         """Derive positions and lengths from per-sequence prefix/extend lengths."""
         if forward_mode.is_decode() and any(n != 1 for n in extend_lens):
@@ -118,6 +123,7 @@ class ForwardBatch:
             extend_prefix_lens_cpu=prefix_lens,
             extend_seq_lens_cpu=extend_lens,
             sampling_info=sampling_info,
+            sampling_plan=sampling_plan,
             return_all_logits=return_all_logits,
         )
 

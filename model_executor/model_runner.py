@@ -24,6 +24,7 @@ from model_executor.distributed import TPGroup
 from model_executor.forward_batch import ForwardBatch
 from model_executor.model_config import ModelConfig, ModelRunnerConfig
 from model_executor.model_loader import load_model
+from sampling.row_state import SamplingRows
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class ModelRunner:
         self.req_to_token_pool = ReqToTokenPool(
             config.max_running_requests, self.model_config.context_len, self.device
         )
+        # The running requests' sampling state, addressed by their req_to_token row.
+        self.sampling_rows = SamplingRows(self.req_to_token_pool.size, self.model_config.vocab_size, self.device)
         self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(
             self.max_total_num_tokens, config.page_size, self.device
         )
@@ -172,6 +175,17 @@ class ModelRunner:
     @torch.inference_mode()
     def sample(self, logits: LogitsProcessorOutput, batch: ForwardBatch) -> torch.Tensor:
         """Next token id per sequence ([B] int64), honouring each one's sampling params."""
-        if batch.sampling_info is None:
+        if batch.sampling_plan is not None:
+            info = self.sampling_rows.sample_inputs(batch.sampling_plan)
+        elif batch.sampling_info is not None:
+            info = batch.sampling_info
+        else:
             return torch.argmax(logits.next_token_logits, dim=-1)
-        return self.sampler(logits.next_token_logits, batch.sampling_info)
+        return self.sampler(logits.next_token_logits, info)
+
+    @torch.inference_mode()
+    def record_sampled(self, batch: ForwardBatch, token_ids: torch.Tensor) -> None:
+        """Count the step's kept tokens into the rows' penalty state (the ids
+        every TP rank agreed on), on the device, before the next batch samples."""
+        if batch.sampling_plan is not None:
+            self.sampling_rows.record_plan(batch.sampling_plan, token_ids)

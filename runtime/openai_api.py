@@ -45,7 +45,8 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 # Copied from the request into sampling_params under the same name when not None.
 _PASSTHROUGH_SAMPLING = (
     "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-    "repetition_penalty", "seed", "stop_token_ids", "ignore_eos", "skip_special_tokens",
+    "repetition_penalty", "seed", "stop_token_ids", "ignore_eos", "skip_special_tokens", "logit_bias",
+    "no_repeat_ngram_size",
 )
 
 

@@ -3,7 +3,7 @@
 Only types and cheap structural limits are checked here (pydantic, strict mode, so
 ``"temperature": "0.7"`` is a 400 like on OpenAI). Value ranges of the sampling
 parameters are checked once, downstream, by the tokenizer manager. Unknown fields are
-ignored: OpenAI clients send many we do not use (``user``, ``logit_bias``, ``tools``...).
+ignored: OpenAI clients send many we do not use (``user``, ``tools``...).
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ class SamplingFields(BaseModel):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     stop_token_ids: list[int] | None = None
+    # {token id: bias in [-100, 100]}; -100 bans the token.
+    logit_bias: dict[str, float] | None = None
+    no_repeat_ngram_size: int | None = None
 
     @property
     def include_usage(self) -> bool:

@@ -41,6 +41,8 @@ class SamplingParamsBody(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     n: int = Field(1, ge=1, description="samples per prompt")
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100]; -100 bans it")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="ban tokens that would repeat an n-gram of this size")
 
 
 class _GenerateBase(BaseModel):

@@ -42,7 +42,9 @@ def hf_logits(model, tokens: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+def hf_greedy(model, prompt: list[int], new_tokens: int, **generate_options) -> list[int]:
+    """transformers' greedy continuation; `generate_options` e.g. its
+    repetition_penalty or no_repeat_ngram_size."""
     out = model.generate(
         torch.tensor([prompt]),
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -50,6 +52,7 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,
+        **generate_options,
     )
     return out[0, len(prompt):].tolist()
 

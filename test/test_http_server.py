@@ -154,6 +154,10 @@ def test_abort_request_route(server):
         ({"text": "x", "sampling_params": {"stop": ["s"] * 65}}, "at most 64 stop strings"),
         ({"text": "x", "sampling_params": {"stop": "y" * 257}}, "at most 256 characters"),
         ({"text": "x", "sampling_params": {"stop_token_ids": [1] * 1025}}, "stop_token_ids"),
+        ({"text": "x", "sampling_params": {"logit_bias": {"4096": -100}}}, "logit_bias token id 4096 is outside"),
+        ({"text": "x", "sampling_params": {"logit_bias": {"5": -101}}}, "logit_bias values must be numbers in [-100, 100]"),
+        ({"text": "x", "sampling_params": {"logit_bias": [5]}}, "logit_bias must be an object"),
+        ({"text": "x", "sampling_params": {"no_repeat_ngram_size": -1}}, "no_repeat_ngram_size must be >= 0"),
     ],
 )
 def test_bad_input_is_a_400_and_the_server_keeps_working(server, body, fragment):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layers.sampler import SamplingBatchInfo
+from sampling.batch_info import build_sampling_info, record_tokens
 from managers.sampling_params import SamplingParams
 from model_executor.batch_runner import BatchRunner
 from model_executor.forward_batch import ForwardBatch, ForwardMode
@@ -53,12 +53,12 @@ def _sample_run(runner, prompts, params, steps):
     """Generate `steps` tokens per prompt through ModelRunner.sample."""
     batch = BatchRunner(runner)
     seq_ids = [batch.add_sequence() for _ in prompts]
-    info = SamplingBatchInfo.build(params, runner.model_config.vocab_size, runner.device, prompt_ids=prompts)
+    info = build_sampling_info(params, runner.model_config.vocab_size, runner.device, prompt_ids=prompts)
     out, fb = batch.extend(seq_ids, prompts, sampling_info=info)
     tokens, logits = [], []
     for step in range(steps):
         next_ids = runner.sample(out, fb)
-        info.update(next_ids)
+        record_tokens(info, next_ids)
         tokens.append(next_ids.tolist())
         logits.append(out.next_token_logits.clone())
         if step + 1 < steps:

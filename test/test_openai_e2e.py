@@ -89,3 +89,20 @@ def test_logprobs(client):
     )
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+
+
+def test_logit_bias_pulls_a_token_and_checks_ids(tiny_qwen3, client):
+    """OpenAI's logit_bias reaches the sampler (+100 all but forces a token;
+    -100 bans, tested through the scheduler); a bad id is a 400."""
+    from transformers import AutoTokenizer
+
+    forced = client.completions.create(model="tiny", prompt="Bias me", max_tokens=3, temperature=0,
+                                       logit_bias={"77": 100})
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_qwen3))
+    assert forced.choices[0].text == tokenizer.decode([77, 77, 77])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, logit_bias={"77": 100})
+    assert chat.choices[0].message.content == tokenizer.decode([77] * 4)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, logit_bias={"999999": 5})
+    assert "logit_bias token id 999999" in err.value.body["message"]

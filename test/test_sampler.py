@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from layers.sampler import Sampler, SamplingBatchInfo, apply_penalties
 from managers.sampling_params import SamplingParams
+from sampling.batch_info import build_sampling_info, record_tokens
 
 CPU = torch.device("cpu")
 FAST = settings(max_examples=40, deadline=None)
@@ -21,7 +22,7 @@ def build(
     prompt: list[list[int]] | None = None,
     output: list[list[int]] | None = None,
 ) -> SamplingBatchInfo:
-    return SamplingBatchInfo.build(params, vocab, CPU, prompt_ids=prompt, output_ids=output)
+    return build_sampling_info(params, vocab, CPU, prompt_ids=prompt, output_ids=output)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], **kw) -> torch.Tensor:
@@ -135,8 +136,8 @@ def test_update_bookkeeping() -> None:
     ]
     info = build(params, 6, prompt=[[5], [0]], output=[[1], []])
     assert info.output_lens == [1, 0]
-    info.update(torch.tensor([1, 3]))
-    info.update(torch.tensor([2, 3]))
+    record_tokens(info, torch.tensor([1, 3]))
+    record_tokens(info, torch.tensor([2, 3]))
     assert info.output_lens == [3, 2]
     assert info.output_token_counts is not None and info.seen_tokens is not None
     assert info.output_token_counts.tolist() == [[0, 2, 1, 0, 0, 0], [0, 0, 0, 2, 0, 0]]
@@ -152,7 +153,7 @@ def test_no_penalty_state_on_fast_path() -> None:
     assert info.repetition_penalties is None
     assert info.output_token_counts is None and info.seen_tokens is None
     assert info.need_top_p and not info.need_top_k and not info.need_min_p
-    info.update(torch.tensor([3, 4]))  # must not fail without state
+    record_tokens(info, torch.tensor([3, 4]))  # must not fail without state
     assert info.output_lens == [2, 2]
     with pytest.raises(ValueError, match="output_ids"):
         build([SamplingParams()], 10, None, [[1], [2]])
@@ -165,7 +166,7 @@ def run_steps(logits: torch.Tensor, info: SamplingBatchInfo, steps: int) -> torc
     out = []
     for _ in range(steps):
         ids = Sampler()(logits, info)
-        info.update(ids)
+        record_tokens(info, ids)
         out.append(ids)
     return torch.stack(out, dim=1)
 
@@ -338,34 +339,6 @@ def assert_same(a: SamplingBatchInfo, b: SamplingBatchInfo, logits: torch.Tensor
     assert torch.equal(apply_penalties(logits, a), apply_penalties(logits, b))
 
 
-def test_filter_keeps_rows_consistent() -> None:
-    logits = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
-    for keep in ([4, 1], [0, 2], [3], [0, 1, 2, 3, 4], [2, 0]):
-        info = build(MIX, 10, PROMPT, OUTPUT)
-        info.filter(keep)
-        want = build(pick(MIX, keep), 10, pick(PROMPT, keep), pick(OUTPUT, keep))
-        assert_same(info, want, logits[keep])
-    info = build(MIX, 10, PROMPT, OUTPUT)
-    info.filter([0, 2])  # no penalties left: back to the fast path
-    assert info.output_token_counts is None and info.seen_tokens is None
-    info.filter([0])
-    assert info.is_all_greedy and not info.need_top_p
-
-
-def test_merge_keeps_rows_consistent() -> None:
-    logits = torch.randn(5, 10, generator=torch.Generator().manual_seed(1))
-    for split in (1, 2, 3):
-        a = build(MIX[:split], 10, PROMPT[:split], OUTPUT[:split])
-        b = build(MIX[split:], 10, PROMPT[split:], OUTPUT[split:])
-        a.merge(b)
-        assert_same(a, build(MIX, 10, PROMPT, OUTPUT), logits)
-    plain = build([SamplingParams(temperature=0.0)], 10, [[1]], [[2]])
-    plain.merge(build([SamplingParams(repetition_penalty=2.0)], 10, [[3]], [[4]]))
-    assert plain.seen_tokens is not None and plain.seen_tokens[0].sum() == 0
-    plain.update(torch.tensor([5, 6]))
-    assert plain.seen_tokens[:, 5:7].tolist() == [[True, False], [False, True]]
-
-
 # -------------------------------------------------------------------- validation
 
 
@@ -408,7 +381,7 @@ def test_cuda_matches_cpu_semantics() -> None:
     cuda = torch.device("cuda")
     logits = torch.randn(len(MIX), 10, generator=torch.Generator().manual_seed(4))
     on_cpu = build(MIX, 10, PROMPT, OUTPUT)
-    on_gpu = SamplingBatchInfo.build(MIX, 10, cuda, PROMPT, OUTPUT)
+    on_gpu = build_sampling_info(MIX, 10, cuda, PROMPT, OUTPUT)
     torch.testing.assert_close(
         apply_penalties(logits.to(cuda, torch.bfloat16), on_gpu).cpu(),
         apply_penalties(logits.to(torch.bfloat16), on_cpu),
@@ -416,6 +389,6 @@ def test_cuda_matches_cpu_semantics() -> None:
     out = Sampler()(logits.to(cuda), on_gpu)
     assert out.device.type == "cuda" and out[0] == logits[0].argmax()
     target = SamplingParams(seed=9, top_k=5)
-    alone = Sampler()(logits[2:3].to(cuda), SamplingBatchInfo.build([target], 10, cuda))
-    pair = SamplingBatchInfo.build([SamplingParams(), target], 10, cuda)
+    alone = Sampler()(logits[2:3].to(cuda), build_sampling_info([target], 10, cuda))
+    pair = build_sampling_info([SamplingParams(), target], 10, cuda)
     assert alone[0] == Sampler()(logits[1:3].to(cuda), pair)[1]

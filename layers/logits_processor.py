@@ -18,6 +18,20 @@ if TYPE_CHECKING:
 class LogitsProcessorOutput:
     next_token_logits: torch.Tensor  # [B, vocab] float32, last new token of each sequence
     all_logits: torch.Tensor | None = None  # [num_tokens, vocab] when the batch asks for it
+    # Rows with drafted tokens: logits at their last input token and every
+    # draft but the last, rows in batch order (sampling/verify.py).
+    verify_logits: torch.Tensor | None = None  # [sum(draft_lens), vocab]
+
+
+def draft_positions(extend_lens: list[int], draft_lens: list[int]) -> tuple[list[int], list[int]]:
+    """Indices (into the batch's new tokens) whose logits verification needs,
+    split into (each row's last position, every drafted row's earlier ones)."""
+    last, earlier, end = [], [], 0
+    for n, d in zip(extend_lens, draft_lens):
+        end += n
+        earlier.extend(range(end - 1 - d, end - 1))
+        last.append(end - 1)
+    return last, earlier
 
 
 class LogitsProcessor(nn.Module):
@@ -28,6 +42,11 @@ class LogitsProcessor(nn.Module):
             all_logits = lm_head.compute_logits(hidden).float()
             last = torch.cumsum(batch.extend_seq_lens, 0) - 1
             return LogitsProcessorOutput(all_logits[last], all_logits)
+        if batch.draft_lens_cpu is not None:
+            last, earlier = draft_positions(batch.extend_seq_lens_cpu, batch.draft_lens_cpu)
+            index = torch.tensor(last + earlier, dtype=torch.int64).to(hidden.device, non_blocking=True)
+            logits = lm_head.compute_logits(hidden[index]).float()
+            return LogitsProcessorOutput(logits[: len(last)], verify_logits=logits[len(last) :])
         if batch.forward_mode.is_decode():
             last_hidden = hidden  # one token per sequence already
         else:

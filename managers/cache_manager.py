@@ -12,6 +12,7 @@ alone). Every transition of those goes through here:
 - `release`: a finished request hands its sequence to the prefix cache (or
   frees it, without one), including overlap's spare slot;
 - `cache_prefill`: a prompt is shared as soon as its prefill is done;
+- `trim`: the KV of rejected draft tokens goes back at once;
 - `make_room`: evict unlocked cache leaves until enough slots are free.
 
 Both prefix caches (`RadixCache`, `NoSharingCache`) implement the same
@@ -124,6 +125,19 @@ class CacheManager:
         self.tree_cache.cache_finished_req(req)
         req.req_pool_idx = None
         req.pending_placeholder = None
+
+    def trim(self, req: Req, keep: int) -> None:
+        """Keep KV for the first `keep` positions only (a step verified drafted
+        tokens and rejected some). Whole pages past the kept ones go back to
+        the pool; the kept last page stays, and the next allocation continues
+        it from the same slots."""
+        if keep >= req.kv_committed_len:
+            return
+        first_free = -(-keep // self.page_size) * self.page_size
+        if first_free < req.kv_committed_len:
+            rejected = self.req_to_token_pool.req_to_token[req.req_pool_idx, first_free : req.kv_committed_len]
+            self.allocator.free(rejected.to(torch.int64))
+        req.kv_committed_len = keep
 
     def cache_prefill(self, req: Req) -> None:
         """Share a request's computed prompt now, not when the request ends."""

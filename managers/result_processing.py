@@ -16,7 +16,7 @@ from managers.cache_manager import CacheManager
 from managers.io_struct import FinishReason
 from managers.prefill_admission import PrefillAdmission
 from managers.schedule_batch import Req, ScheduleBatch
-from managers.tp_worker import StepResult
+from managers.step_result import StepResult
 
 
 @dataclass
@@ -60,12 +60,13 @@ class ResultProcessor:
                 next_batch: ScheduleBatch | None) -> None:
         """`next_batch`: the batch already launched after this one (overlap),
         whose requests keep their KV until it is processed too."""
-        ids = result.next_token_ids.tolist()
+        tokens = result.rows()
         logprobs = result.per_row_logprobs()
-        slots = placeholders.tolist() if placeholders is not None else [None] * len(ids)
+        slots = placeholders.tolist() if placeholders is not None else [None] * len(tokens)
+        drafted = batch.draft_lens or [0] * len(tokens)
         in_next = set(map(id, next_batch.reqs)) if next_batch is not None else set()
-        rows = zip(batch.reqs, batch.decoding, batch.partial_chunk, ids, slots, logprobs)
-        for req, decoding, partial, token, placeholder, logprob in rows:
+        rows = zip(batch.reqs, batch.decoding, batch.partial_chunk, tokens, slots, logprobs, drafted)
+        for req, decoding, partial, row_tokens, placeholder, row_logprobs, guesses in rows:
             if req.finished():
                 # Finished in the previous batch; this one ran a spare token.
                 if id(req) not in in_next:
@@ -78,7 +79,13 @@ class ResultProcessor:
             if req.sampling_params.max_new_tokens == 0:
                 req.finished_reason = FinishReason("length", 0)  # prefill only
             else:
-                self._append(req, token, placeholder, logprob)
+                for j, token in enumerate(row_tokens):
+                    self._append(req, token, placeholder, row_logprobs[j] if row_logprobs else None)
+                    if req.finished():
+                        break  # tokens past a stop are dropped
+            if guesses:
+                # KV stays for the tokens kept (all but the newest, as always).
+                self.kv.trim(req, len(req.origin_input_ids) + len(req.output_ids) - 1)
             if not decoding:
                 self.admission.drop_claim(req)
             if req.finished():

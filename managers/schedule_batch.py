@@ -181,6 +181,7 @@ class ScheduleBatch:
         self.input_ids: list[int] | torch.Tensor = []
         self.prefix_lens: list[int] = []
         self.extend_lens: list[int] = []
+        self.draft_lens: list[int] = []  # per req: guessed tokens after its last one (managers/drafts.py)
 
     # -- preparing an iteration ------------------------------------------------
 
@@ -209,15 +210,25 @@ class ScheduleBatch:
         self.input_ids, self.prefix_lens, self.extend_lens = input_ids, prefix_lens, extend_lens
         return True
 
-    def prepare_for_decode(self, input_ids: list[int] | torch.Tensor) -> bool:
-        """One new token per request; `input_ids` may hold overlap placeholders."""
+    def prepare_for_decode(self, input_ids: list[int] | torch.Tensor, drafts: list[list[int]] | None = None) -> bool:
+        """One new token per request; `input_ids` may hold overlap placeholders.
+        With `drafts`, request i also feeds `drafts[i]` (guesses at its next
+        tokens) to be verified: it then runs as an extend of 1 + len(drafts[i])."""
         prefix_lens = [_decode_position(req) for req in self.reqs]
-        if not self._allocate(self.reqs, prefix_lens, [1] * len(self.reqs)):
+        draft_lens = [len(d) for d in drafts] if drafts else [0] * len(self.reqs)
+        extend_lens = [1 + d for d in draft_lens]
+        if not self._allocate(self.reqs, prefix_lens, extend_lens):
             return False
-        self.forward_mode = ForwardMode.DECODE
+        if any(draft_lens):
+            ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
+            input_ids = [t for last, guesses in zip(ids, drafts) for t in (last, *guesses)]
+            self.forward_mode = ForwardMode.MIXED  # some sequences extend by more than one token
+        else:
+            self.forward_mode = ForwardMode.DECODE
         self.decoding = [True] * len(self.reqs)
         self.partial_chunk = [False] * len(self.reqs)
-        self.input_ids, self.prefix_lens, self.extend_lens = input_ids, prefix_lens, [1] * len(self.reqs)
+        self.input_ids, self.prefix_lens, self.extend_lens = input_ids, prefix_lens, extend_lens
+        self.draft_lens = draft_lens
         return True
 
     def _allocate(self, reqs: list[Req], prefix_lens: list[int], extend_lens: list[int]) -> bool:
@@ -256,4 +267,5 @@ class ScheduleBatch:
             self.out_cache_loc,
             self.device,
             sampling_plan=sampling,
+            draft_lens=self.draft_lens or None,
         )

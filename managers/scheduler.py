@@ -48,7 +48,9 @@ from managers.schedule_batch import Req, ScheduleBatch
 from managers.sampling_params import SamplingParams
 from managers.schedule_policy import SchedulePolicy
 from sampling.plan import SamplingPlan
-from managers.tp_worker import OverlapTpWorker, StepResult, SyncExecutor, TpModelWorker
+from managers.drafts import DraftProposer, draft_room
+from managers.step_result import StepResult
+from managers.tp_worker import OverlapTpWorker, SyncExecutor, TpModelWorker
 from mem_cache.radix_cache import NoSharingCache, RadixCache
 from model_executor.distributed import TPGroup
 from model_executor.model_config import ModelRunnerConfig
@@ -72,8 +74,12 @@ class Scheduler:
         tokenizer: Any | None = None,
         eos_token_ids: frozenset[int] = frozenset(),
         tp_group: TPGroup | None = None,
+        drafter: DraftProposer | None = None,
     ) -> None:
         self.config = config
+        # Guesses to verify need each request's latest token: with a drafter
+        # the previous batch is read before the next one is planned.
+        self.drafter = drafter
         self.eos_token_ids = frozenset(eos_token_ids)
         self.worker = TpModelWorker(runner_config, tp_group)
         runner = self.worker.model_runner
@@ -209,6 +215,9 @@ class Scheduler:
         clock = self.timings
         with clock.phase("process"):
             self._apply_aborts()
+            if self.inflight is not None and self.drafter is not None:
+                self._process_result(self.inflight, self._wait_result(), None)
+                self.inflight = None
         with clock.phase("schedule"):
             batch = self._next_batch()
         launched = None
@@ -273,9 +282,18 @@ class Scheduler:
         decodes = self._ensure_decode_room(decodes)
         batch = self._new_batch(decodes)
         inputs = torch.tensor([r.last_token_id() for r in decodes], dtype=torch.int64)
-        if not batch.prepare_for_decode(inputs):
+        drafts = self._drafts(decodes)
+        if drafts is not None and batch.prepare_for_decode(inputs, drafts):
+            return batch
+        if not batch.prepare_for_decode(inputs):  # without guesses, if they did not fit
             raise RuntimeError("decode could not allocate KV after retraction")  # a bug, not load
         return batch
+
+    def _drafts(self, decodes: list[Req]) -> list[list[int]] | None:
+        if self.drafter is None:
+            return None
+        drafts = [self.drafter.propose(r, room) if (room := draft_room(r)) else [] for r in decodes]
+        return drafts if any(drafts) else None
 
     def _admit_prefill(self, decodes: list[Req], riders: list[Req]) -> ScheduleBatch | None:
         admission = self.admission.admit(self.waiting, self.chunked_req, decodes, riders)

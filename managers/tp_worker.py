@@ -16,42 +16,14 @@ from __future__ import annotations
 import queue
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass
-
 import torch
 
 from model_executor.distributed import TPGroup
 from model_executor.forward_batch import ForwardBatch
 from model_executor.model_config import ModelRunnerConfig
 from model_executor.model_runner import ModelRunner
-
-
-@dataclass
-class StepResult:
-    next_token_ids: torch.Tensor  # [B]
-    # Only when the batch asked for logprobs (`top_logprobs_num` >= 0):
-    # log-softmax of the model's raw logits (before temperature, penalties
-    # and filters), at the sampled token and the top-k.
-    token_logprobs: torch.Tensor | None = None  # [B]
-    top_logprobs: torch.Tensor | None = None  # [B, K]
-    top_ids: torch.Tensor | None = None  # [B, K]
-
-    def per_row_logprobs(self) -> list[tuple[float, list[tuple[float, int]]] | None]:
-        """Per batch row: (sampled token's logprob, [(logprob, id) of the top k]), or None."""
-        rows = len(self.next_token_ids)
-        if self.token_logprobs is None:
-            return [None] * rows
-        token = self.token_logprobs.tolist()
-        if self.top_logprobs is None:
-            return [(lp, []) for lp in token]
-        top = [list(zip(v, i)) for v, i in zip(self.top_logprobs.tolist(), self.top_ids.tolist())]
-        return list(zip(token, top))
-
-    def cpu(self, non_blocking: bool = False) -> StepResult:
-        """Host copies. With `non_blocking` (CUDA), they land in pinned memory
-        asynchronously: read them only after an event recorded after this call."""
-        move = lambda t: None if t is None else t.to("cpu", non_blocking=non_blocking)  # noqa: E731
-        return StepResult(*(move(t) for t in (self.next_token_ids, self.token_logprobs, self.top_logprobs, self.top_ids)))
+from sampling.verify import accept_drafts
+from managers.step_result import StepResult
 
 
 class TpModelWorker:
@@ -68,10 +40,20 @@ class TpModelWorker:
             # draws need not agree: rank 0's ids are the ones all ranks keep.
             ids = self.tp_group.broadcast_tensor(ids.contiguous())
         self.model_runner.record_sampled(batch, ids)
+        result, token_logits = StepResult(ids), logits.next_token_logits
+        if batch.draft_lens_cpu is not None:
+            # Greedy verification is an argmax of logits every rank holds alike.
+            tokens, counts, sources = accept_drafts(logits.verify_logits, batch.input_ids,
+                                                    batch.extend_seq_lens_cpu, batch.draft_lens_cpu, ids)
+            result = StepResult(tokens, counts)
+            if top_logprobs_num >= 0:
+                index = torch.tensor(sources, dtype=torch.int64, device=token_logits.device)
+                token_logits = torch.cat([token_logits, logits.verify_logits])[index]
         if top_logprobs_num < 0:
-            return StepResult(ids)
-        logprobs = torch.log_softmax(logits.next_token_logits.float(), dim=-1)
-        result = StepResult(ids, logprobs.gather(1, ids.view(-1, 1)).squeeze(1))
+            return result
+        ids = result.token_ids
+        logprobs = torch.log_softmax(token_logits.float(), dim=-1)
+        result.token_logprobs = logprobs.gather(1, ids.view(-1, 1)).squeeze(1)
         if top_logprobs_num > 0:
             result.top_logprobs, result.top_ids = logprobs.topk(top_logprobs_num, dim=-1)
         return result
@@ -190,7 +172,7 @@ class OverlapTpWorker:
         placeholder = ids < 0
         batch.input_ids = torch.where(placeholder, self.future_token_ids[(-ids).clamp_(min=0)], ids)
         result = self.worker.forward_batch_generation(batch, top_logprobs_num)
-        device_ids = result.next_token_ids
+        device_ids = result.last_token_ids()  # what the next batch's placeholder stands for
         self.future_token_ids[slots.to(device_ids.device, non_blocking=True)] = device_ids
         if self.stream is None:
             return result.cpu(), None, None

@@ -58,6 +58,9 @@ class ForwardBatch:
     # plan over the rows the worker keeps (sampling/); neither: greedy.
     sampling_info: SamplingBatchInfo | None = None
     sampling_plan: SamplingPlan | None = None
+    # Per sequence, how many of its new tokens are drafted guesses to verify
+    # (sampling/verify.py); None when no sequence has any.
+    draft_lens_cpu: list[int] | None = None
     # Logits for every new token instead of only the last of each sequence
     # (prompt logprobs; parity tests).
     return_all_logits: bool = False
@@ -83,6 +86,7 @@ class ForwardBatch:
         sampling_info: SamplingBatchInfo | None = None,
         return_all_logits: bool = False,
         sampling_plan: SamplingPlan | None = None,
+        draft_lens: Sequence[int] | None = None,
     ) -> ForwardBatch:
         """Derive positions and lengths from per-sequence prefix/extend lengths."""
         if forward_mode.is_decode() and any(n != 1 for n in extend_lens):
@@ -124,6 +128,7 @@ class ForwardBatch:
             extend_seq_lens_cpu=extend_lens,
             sampling_info=sampling_info,
             sampling_plan=sampling_plan,
+            draft_lens_cpu=list(draft_lens) if draft_lens is not None and any(draft_lens) else None,
             return_all_logits=return_all_logits,
         )
 

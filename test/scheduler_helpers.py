@@ -35,6 +35,7 @@ def make_scheduler(
     eos: frozenset[int] = frozenset(),
     max_queued: int | None = None,
     mixed: bool = True,
+    drafter=None,
 ) -> Scheduler:
     runner_config = ModelRunnerConfig(
         model_path=str(path),
@@ -52,7 +53,7 @@ def make_scheduler(
         max_queued_requests=max_queued,
         enable_mixed_chunk=mixed,
     )
-    return Scheduler(runner_config, config, tokenizer=tokenizer, eos_token_ids=eos)
+    return Scheduler(runner_config, config, tokenizer=tokenizer, eos_token_ids=eos, drafter=drafter)
 
 
 def collect(outcomes: dict[str, Outcome], out) -> None:

@@ -59,5 +59,47 @@ def test_overlap_worker_runs_a_step_on_cpu(tiny_qwen3):
     placeholder = overlap.launch(batch)
     result = overlap.result()
     assert placeholder.tolist() == [-1]
-    assert result.next_token_ids.shape == (1,)
+    assert result.token_ids.shape == (1,)
+    overlap.shutdown()
+
+
+def test_a_placeholder_stands_for_the_last_of_several_tokens(tiny_qwen3):
+    """A row that verified guesses returns several tokens; the next batch's
+    placeholder for it resolves, on the device, to the last of them."""
+    config = ModelRunnerConfig(model_path=str(tiny_qwen3), dtype="float32", max_total_tokens=256,
+                               max_running_requests=4)
+    prompt = [11, 12, 13, 14, 15]
+
+    def sequence(worker: TpModelWorker) -> tuple[int, torch.Tensor]:
+        """A req_to_token row with 32 slots mapped in order."""
+        runner = worker.model_runner
+        row = runner.req_to_token_pool.alloc(1)[0]
+        slots = runner.token_to_kv_pool_allocator.alloc(32)
+        runner.req_to_token_pool.req_to_token[row, :32] = slots.to(torch.int32)
+        return row, slots
+
+    def next_token(worker: TpModelWorker, row: int, slots: torch.Tensor, seq: list[int]) -> int:
+        """Greedy next token of `seq`, recomputed from scratch."""
+        fb = ForwardBatch.build(ForwardMode.EXTEND, seq, [row], [0], [len(seq)], slots[: len(seq)], "cpu")
+        return int(worker.forward_batch_generation(fb).token_ids[0])
+
+    plain = TpModelWorker(config)
+    row, slots = sequence(plain)
+    seq = list(prompt)
+    for _ in range(5):
+        seq.append(next_token(plain, row, slots, seq))
+    want = seq[5:]
+
+    worker = TpModelWorker(config)
+    row, slots = sequence(worker)
+    assert next_token(worker, row, slots, prompt) == want[0]
+    overlap = OverlapTpWorker(worker, max_batch_size=4)
+    ids = [want[0], want[1], want[2]]  # the sampled token and two right guesses
+    verify = ForwardBatch.build(ForwardMode.MIXED, ids, [row], [5], [3], slots[5:8], "cpu", draft_lens=[2])
+    placeholder = overlap.launch(verify)
+    overlap.launch(ForwardBatch.build(ForwardMode.DECODE, placeholder, [row], [8], [1], slots[8:9], "cpu"))
+    first, second = overlap.result(), overlap.result()
+    assert first.num_tokens == [3] and first.token_ids.tolist() == want[1:4]
+    # The decode was fed the placeholder, i.e. want[3], and continued the sequence.
+    assert second.token_ids.tolist() == [want[4]]
     overlap.shutdown()

@@ -1,0 +1,36 @@
+"""Draft sources: guesses at a decoding request's next tokens, which the
+next step checks in one forward (sampling/verify.py) so a step can return
+several tokens for a request. Speculative decoding's algorithms (n-gram,
+draft model, EAGLE) are `DraftProposer`s; the scheduler, the KV trim of
+rejected guesses and the variable-length step result are shared.
+
+Only greedy requests without penalties or logits processors get drafts: for them verification by argmax is exact, so their output is the
+same with or without guesses.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from managers.schedule_batch import Req
+
+
+class DraftProposer(Protocol):
+    def propose(self, req: Req, max_tokens: int) -> list[int]:
+        """Up to `max_tokens` guesses at what follows `req`'s tokens so far."""
+        ...
+
+
+def draft_room(req: Req) -> int:
+    """How many guesses `req` may verify this step: none unless verification
+    is exact for it, and never past its last token (max_new_tokens)."""
+    p = req.sampling_params
+    exact = p.is_greedy and not (
+        p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1
+        or req.logits_processors or req.hidden
+    )
+    if not exact:
+        return 0
+    # This step yields up to guesses + 1 tokens.
+    return max(0, p.max_new_tokens - len(req.output_ids) - 1)

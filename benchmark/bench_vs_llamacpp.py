@@ -146,9 +146,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], health_url: str, log: pathlib.Path) -> Iterator[None]:
+def running(cmd: list[str], health_url: str, log: pathlib.Path, cwd: pathlib.Path = REPO) -> Iterator[None]:
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
         try:
             _wait_ready(health_url, proc)
             yield

@@ -4,7 +4,13 @@
         --variant "pause decodes=" --variant "mixed=--enable-mixed-chunk"
 
 Each `--variant NAME=FLAGS` is one server configuration (FLAGS are appended to
-the common command line; empty means the defaults). Round by round every
+the common command line; empty means the defaults). `--checkout NAME=DIR`
+runs that variant's server from another checkout of the project (e.g. a
+`git worktree` of an older commit), for before/after comparisons of code:
+
+    git worktree add /tmp/before c476f5f
+    python -m benchmark.compare_server_args --variant before= --variant after= \
+        --checkout before=/tmp/before Round by round every
 variant gets a fresh server, a short warm-up and then the seeded workload,
 driven by our `bench_serving` through the streamed OpenAI completions route
 (the same driver and workload as `bench_vs_llamacpp`'s serving half). Prints
@@ -21,7 +27,9 @@ import shlex
 import statistics
 import tempfile
 
-from benchmark.bench_vs_llamacpp import _free_port, _warmup, add_serving_workload_args, drive, our_server_cmd, running
+from benchmark.bench_vs_llamacpp import (
+    REPO, _free_port, _warmup, add_serving_workload_args, drive, our_server_cmd, running,
+)
 
 METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms")
 
@@ -36,6 +44,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", type=parse_variant, action="append", required=True)
+    p.add_argument("--checkout", type=parse_variant, action="append", default=[],
+                   help="NAME=DIR: run variant NAME's server from checkout DIR")
     p.add_argument("--model-path", type=pathlib.Path, default=None, help="default: the small demo model")
     p.add_argument("--rounds", type=int, default=3)
     add_serving_workload_args(p)
@@ -47,13 +57,17 @@ def main(argv: list[str] | None = None) -> dict:
         args.model_path = demo_model_path("qwen3", "small")
     model_path = pathlib.Path(args.model_path)
     results: dict[str, list[dict]] = {name: [] for name, _ in args.variant}
+    checkouts = {name: pathlib.Path(dirs[0]) for name, dirs in args.checkout}
+    if unknown := set(checkouts) - set(results):
+        p.error(f"--checkout for unknown variant(s): {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory() as work:
         for _ in range(args.rounds):
             for name, flags in args.variant:
                 port = _free_port()
                 cmd = our_server_cmd(model_path, port, args.concurrency, flags)
                 url = f"http://127.0.0.1:{port}"
-                with running(cmd, f"{url}/health", pathlib.Path(work) / "server.log"):
+                with running(cmd, f"{url}/health", pathlib.Path(work) / "server.log",
+                             cwd=checkouts.get(name, REPO)):
                     drive(url, "openai", model_path, _warmup(args))
                     results[name].append(drive(url, "openai", model_path, args))
                 row = results[name][-1]

@@ -6,6 +6,8 @@ and a lock on the prefix it found in the prefix cache (so eviction leaves it
 alone). Every transition of those goes through here:
 
 - `start`: admission (a row, the cached prefix written into it, locked);
+- `extend`: slots for a batch's new positions, written into the rows in
+  one batched write (and mid-page prefixes read in one gather);
 - `unstart`: admission undone (the batch could not get slots);
 - `free_own_kv`: retraction, or an abort before the prompt had KV: the row
   and the request's own slots go back, the prefix lock is dropped;
@@ -21,7 +23,8 @@ Both prefix caches (`RadixCache`, `NoSharingCache`) implement the same
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from mem_cache.radix_cache import MatchResult, TreeNode
 
 
+@runtime_checkable
 class PrefixCache(Protocol):
     """What the scheduler needs from a prefix cache (mem_cache/radix_cache.py)."""
 
@@ -51,6 +55,24 @@ class PrefixCache(Protocol):
     def reset(self) -> None: ...
 
 
+def last_slots_mid_page(table: torch.Tensor, rows: list[int], prefix_lens: list[int], page_size: int) -> list[int]:
+    """Per request, the slot of its last prefix token where the prefix ends
+    inside a page (the allocator continues that page), else -1: the
+    allocator reads last_locs only there, and at page size 1 never.
+    `table` may live on the GPU, so the needed entries are read in one
+    gather (one device sync per step, not one per request, and none when no
+    prefix ends mid-page)."""
+    mid = [i for i, p in enumerate(prefix_lens) if p % page_size]
+    last_locs = [-1] * len(prefix_lens)
+    if mid:
+        index = torch.tensor([[rows[i], prefix_lens[i] - 1] for i in mid], dtype=torch.int64)
+        if table.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU
+            index = index.pin_memory().to(table.device, non_blocking=True)
+        for i, slot in zip(mid, table[index[:, 0], index[:, 1]].tolist()):
+            last_locs[i] = slot
+    return last_locs
+
+
 class CacheManager:
     def __init__(self, req_to_token_pool: ReqToTokenPool, allocator: TokenToKVPoolAllocator,
                  tree_cache: PrefixCache, page_size: int) -> None:
@@ -58,6 +80,9 @@ class CacheManager:
         self.allocator = allocator
         self.tree_cache = tree_cache
         self.page_size = page_size
+        # Told first whenever a request lets go of its KV (retraction, finish,
+        # abort), e.g. so state kept per request row is dropped with the row.
+        self.release_hooks: list[Callable[[Req], None]] = []
 
     # -- admission -----------------------------------------------------------------
 
@@ -85,6 +110,27 @@ class CacheManager:
         req.prefix_indices = EMPTY_SLOTS
         req.kv_committed_len = 0
 
+    def extend(self, reqs: list[Req], prefix_lens: list[int], extend_lens: list[int]) -> torch.Tensor | None:
+        """Slots for positions [prefix_len, prefix_len + extend_len) of each
+        request, written into its row; None (nothing taken) when short."""
+        if not reqs:
+            return EMPTY_SLOTS
+        table = self.req_to_token_pool.req_to_token
+        rows = [r.req_pool_idx for r in reqs]
+        seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+        last_locs = last_slots_mid_page(table, rows, prefix_lens, self.page_size)
+        slots = self.allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
+        if slots is None:
+            return None
+        row_index = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), torch.tensor(extend_lens))
+        columns = torch.cat([torch.arange(p, p + e, dtype=torch.int64) for p, e in zip(prefix_lens, extend_lens)])
+        if table.device.type == "cuda":  # from pinned memory the copies do not wait for the GPU
+            row_index, columns = (x.pin_memory().to(table.device, non_blocking=True) for x in (row_index, columns))
+        table[row_index, columns] = slots.to(table.device, torch.int32)
+        for req, n in zip(reqs, seq_lens):
+            req.kv_committed_len = n
+        return slots
+
     def make_room(self, needed: int) -> None:
         """Evict unlocked cache leaves until `needed` slots are free (or nothing is left to evict)."""
         if self.allocator.available_size() < needed:
@@ -95,6 +141,8 @@ class CacheManager:
     def free_own_kv(self, req: Req) -> None:
         """Give back the row and the slots the request computed itself; its
         cached prefix stays in the cache, unlocked."""
+        for hook in self.release_hooks:
+            hook(req)
         shared = len(req.prefix_indices) // self.page_size * self.page_size
         own = self.req_to_token_pool.req_to_token[req.req_pool_idx, shared : req.kv_committed_len]
         if own.numel():
@@ -109,6 +157,8 @@ class CacheManager:
     def release(self, req: Req) -> None:
         """A finished (or aborted) request gives back its row and its KV: to
         the prefix cache when its whole sequence has KV, else to the pool."""
+        for hook in self.release_hooks:
+            hook(req)
         if req.req_pool_idx is None:
             return
         full = len(req.origin_input_ids) + len(req.output_ids)

@@ -34,13 +34,12 @@ class RequestQueues:
 
 class ResultProcessor:
     def __init__(self, queues: RequestQueues, kv: CacheManager, admission: PrefillAdmission, tokenizer: Any,
-                 overlap: bool, release: Callable[[Req], None], report: Callable[[Req], None]) -> None:
+                 overlap: bool, report: Callable[[Req], None]) -> None:
         self.queues = queues
         self.kv = kv
         self.admission = admission
         self.tokenizer = tokenizer  # for stop strings only
         self.overlap = overlap
-        self.release = release
         self.report = report
 
     def on_launch(self, batch: ScheduleBatch, placeholders: torch.Tensor | None) -> None:
@@ -70,7 +69,7 @@ class ResultProcessor:
             if req.finished():
                 # Finished in the previous batch; this one ran a spare token.
                 if id(req) not in in_next:
-                    self.release(req)
+                    self.kv.release(req)
                 continue
             if partial:
                 if not self.overlap:
@@ -91,7 +90,7 @@ class ResultProcessor:
             if req.finished():
                 self.queues.remove(req)
                 if id(req) not in in_next:
-                    self.release(req)
+                    self.kv.release(req)
             elif not decoding and req.req_pool_idx is not None:
                 # Prefill done: share the prompt now, not when the request ends.
                 self.kv.cache_prefill(req)

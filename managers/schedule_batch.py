@@ -13,17 +13,18 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from managers.io_struct import FinishReason
 from managers.sampling_params import SamplingParams
-from mem_cache.allocator import TokenToKVPoolAllocator
-from mem_cache.memory_pool import ReqToTokenPool
 from model_executor.forward_batch import ForwardBatch, ForwardMode
 from sampling.logits_processors import LogitsProcessor
 from sampling.plan import SamplingPlan
+
+if TYPE_CHECKING:
+    from managers.cache_manager import CacheManager
 
 EMPTY_SLOTS = torch.empty(0, dtype=torch.int64)
 
@@ -53,24 +54,6 @@ def _decode_position(req: Req) -> int:
             f"{req.kv_committed_len} positions have KV"
         )
     return position
-
-
-def last_slots_mid_page(table: torch.Tensor, rows: list[int], prefix_lens: list[int], page_size: int) -> list[int]:
-    """Per request, the slot of its last prefix token where the prefix ends
-    inside a page (the allocator continues that page), else -1: the
-    allocator reads last_locs only there, and at page size 1 never.
-    `table` may live on the GPU, so the needed entries are read in one
-    gather (one device sync per step, not one per request, and none when no
-    prefix ends mid-page)."""
-    mid = [i for i, p in enumerate(prefix_lens) if p % page_size]
-    last_locs = [-1] * len(prefix_lens)
-    if mid:
-        index = torch.tensor([[rows[i], prefix_lens[i] - 1] for i in mid], dtype=torch.int64)
-        if table.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU
-            index = index.pin_memory().to(table.device, non_blocking=True)
-        for i, slot in zip(mid, table[index[:, 0], index[:, 1]].tolist()):
-            last_locs[i] = slot
-    return last_locs
 
 
 @dataclass(eq=False)
@@ -159,19 +142,10 @@ class Req:
 class ScheduleBatch:
     """Requests run together in one iteration, and their KV allocation."""
 
-    def __init__(
-        self,
-        reqs: list[Req],
-        req_to_token_pool: ReqToTokenPool,
-        allocator: TokenToKVPoolAllocator,
-        device: torch.device,
-        vocab_size: int,
-    ) -> None:
+    def __init__(self, reqs: list[Req], kv: CacheManager, device: torch.device) -> None:
         self.reqs = reqs
-        self.req_to_token_pool = req_to_token_pool
-        self.allocator = allocator
+        self.kv = kv
         self.device = device
-        self.vocab_size = vocab_size
         self.forward_mode = ForwardMode.EXTEND
         self.decoding: list[bool] = []  # per req: a 1-token decode inside a MIXED batch
         # Per req: this extend is a non-final chunk of its prompt (recorded here
@@ -232,24 +206,15 @@ class ScheduleBatch:
         return True
 
     def _allocate(self, reqs: list[Req], prefix_lens: list[int], extend_lens: list[int]) -> bool:
-        table = self.req_to_token_pool.req_to_token
-        seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
-        rows = [r.req_pool_idx for r in reqs]
-        last_locs = last_slots_mid_page(table, rows, prefix_lens, self.allocator.page_size)
-        slots = self.allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
+        slots = self.kv.extend(reqs, prefix_lens, extend_lens)
         if slots is None:
             return False
-        offset = 0
-        for req, start, n in zip(reqs, prefix_lens, extend_lens):
-            table[req.req_pool_idx, start : start + n] = slots[offset : offset + n].to(table.device, torch.int32)
-            req.kv_committed_len = start + n
-            offset += n
         self.out_cache_loc = slots
         return True
 
     def new_tokens_needed(self, decode_reqs: list[Req]) -> int:
         """Upper bound on slots `prepare_for_*` will take (page rounding included)."""
-        page = self.allocator.page_size
+        page = self.kv.page_size
         return sum(-(-r.extend_input_len // page) * page for r in self.reqs) + page * len(decode_reqs)
 
     def top_logprobs_num(self) -> int:

@@ -20,44 +20,46 @@ Request state is therefore one step behind; a request that turns out to
 have finished in batch N has already run one extra token in batch N+1,
 which is discarded and its KV released with the rest.
 
-Parts: `prefill_admission.py` picks and allocates prefills (with the
-policy's order and budgets, schedule_policy.py), `cache_manager.py` owns
+Parts: `request_intake.py` turns messages into queued requests (and
+records aborts), `prefill_admission.py` picks and allocates prefills (with
+the policy's order and budgets, schedule_policy.py), `decode_room.py` builds
+decode batches (room, retraction, drafted guesses), `cache_manager.py` owns
 every request's KV bookkeeping (rows, slots, prefix locks, release),
-`result_processing.py` applies a step to its requests, `output_report.py`
-gathers what a step reports; this module is the loop, request intake,
-decode room and retraction, and aborts.
+`sampling/planner.py` what each batch samples with, `result_processing.py`
+applies a step to its requests, `output_report.py` gathers what a step
+reports; this module is the loop and aborts.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from managers.cache_manager import CacheManager
+from managers.decode_room import DecodeRoom
+from managers.drafts import DraftProposer
+from managers.io_struct import AbortReq, BatchTokenIDOut, FinishReason, TokenizedGenerateReq
 from managers.iteration_timings import IterationTimings
 from managers.output_report import OutputReport
 from managers.prefill_admission import PrefillAdmission
+from managers.request_intake import IntakeLimits, RequestIntake
 from managers.result_processing import RequestQueues, ResultProcessor
-from managers.scheduler_config import SchedulerConfig
-from managers.io_struct import AbortReq, BatchTokenIDOut, FinishReason, TokenizedGenerateReq
-from managers.request_checks import refusal
 from managers.schedule_batch import Req, ScheduleBatch
-from managers.sampling_params import SamplingParams
 from managers.schedule_policy import SchedulePolicy
-from sampling.plan import SamplingPlan
-from managers.drafts import DraftProposer, draft_room
+from managers.scheduler_config import SchedulerConfig
 from managers.step_result import StepResult
 from managers.tp_worker import OverlapTpWorker, SyncExecutor, TpModelWorker
 from mem_cache.radix_cache import NoSharingCache, RadixCache
 from model_executor.distributed import TPGroup
 from model_executor.model_config import ModelRunnerConfig
-from sampling.logits_processors import logits_processors_for
+from sampling.plan import SamplingPlan
 from sampling.planner import SamplingPlanner
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class _InFlight:
@@ -77,10 +79,6 @@ class Scheduler:
         drafter: DraftProposer | None = None,
     ) -> None:
         self.config = config
-        # Guesses to verify need each request's latest token: with a drafter
-        # the previous batch is read before the next one is planned.
-        self.drafter = drafter
-        self.eos_token_ids = frozenset(eos_token_ids)
         self.worker = TpModelWorker(runner_config, tp_group)
         runner = self.worker.model_runner
         self.device = runner.device
@@ -94,25 +92,25 @@ class Scheduler:
         cache_cls = NoSharingCache if config.disable_radix_cache else RadixCache
         self.tree_cache = cache_cls(self.req_to_token_pool, self.allocator, self.page_size)
         self.kv = CacheManager(self.req_to_token_pool, self.allocator, self.tree_cache, self.page_size)
+        self.queues = RequestQueues()
+        self.output = OutputReport()
+        self.intake = RequestIntake(
+            self.queues, IntakeLimits(self.vocab_size, self.context_len, self.capacity,
+                                      config.max_queued_requests), eos_token_ids, self._report)
         self.admission = PrefillAdmission(config, self.kv, SchedulePolicy(config.schedule_policy, self.tree_cache),
                                           self.max_running_requests, self._new_batch)
+        self.decode = DecodeRoom(self.kv, self.queues, self._new_batch, drafter)
+        self.sampling = SamplingPlanner(self.vocab_size)
+        # Whatever is kept per request lets go of it with its KV.
+        self.kv.release_hooks += [self.sampling.leave, self.admission.drop_claim]
         self.executor = (
             OverlapTpWorker(self.worker, self.max_running_requests)
             if config.enable_overlap
             else SyncExecutor(self.worker)
         )
-        self.sampling = SamplingPlanner(self.vocab_size)
-        self.queues = RequestQueues()
         self.results = ResultProcessor(self.queues, self.kv, self.admission, tokenizer, config.enable_overlap,
-                                       self._release, self._report)
+                                       self._report)
         self.inflight: _InFlight | None = None
-        # Reported requests not yet finished, by rid (for aborts). Hidden
-        # requests are never in it: nothing outside can name them.
-        self.requests: dict[str, Req] = {}
-        # Aborts not applied yet: a step costs O(aborts), not O(requests ever seen).
-        self.pending_aborts: list[Req] = []
-        self.output = OutputReport()
-        self.num_retractions = 0
         self.timings = IterationTimings()
 
     # The queues live in one object that result processing shares.
@@ -124,60 +122,15 @@ class Scheduler:
     # -- requests in -------------------------------------------------------------
 
     def add_request(self, msg: TokenizedGenerateReq) -> None:
-        """Queue a request; `n` > 1 becomes n requests `{rid}-{i}` that wait for
-        one hidden prefill of the shared prompt, so they all hit the cache."""
-        params = msg.sampling_params
-        queue_full = self._queue_full()  # decided once: all of a request's samples or none
-        if params.n > 1:
-            first = None
-            if not queue_full:
-                warm = replace(params, max_new_tokens=0, min_new_tokens=0, n=1)
-                first = self._add(f"{msg.rid}-prompt", msg.input_ids, warm, hidden=True)
-            for i in range(params.n):
-                seed = None if params.seed is None else params.seed + i
-                child = self._add(f"{msg.rid}-{i}", msg.input_ids, replace(params, n=1, seed=seed),
-                                  return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
-                                  queue_full=queue_full)
-                child.waits_for = None if first is None or first.finished() else first
-            return
-        self._add(msg.rid, msg.input_ids, params, return_logprob=msg.return_logprob,
-                  top_logprobs_num=msg.top_logprobs_num, queue_full=queue_full)
-
-    def _queue_full(self) -> bool:
-        limit = self.config.max_queued_requests
-        return limit is not None and sum(not (r.hidden or r.to_abort) for r in self.waiting) >= limit
-
-    def _add(
-        self,
-        rid: str,
-        input_ids: list[int],
-        params: SamplingParams,
-        hidden: bool = False,
-        return_logprob: bool = False,
-        top_logprobs_num: int = 0,
-        queue_full: bool = False,
-    ) -> Req:
-        req = Req(rid, list(input_ids), params, eos_token_ids=self.eos_token_ids, hidden=hidden,
-                  return_logprob=return_logprob, top_logprobs_num=top_logprobs_num)
-        if not hidden:
-            self.requests[req.rid] = req
-        refused = refusal(req.origin_input_ids, params, vocab_size=self.vocab_size,
-                          context_len=self.context_len, capacity=self.capacity,
-                          max_queued=self.config.max_queued_requests if queue_full else None)
-        if refused is not None:
-            req.finished_reason = refused
-            self._report(req)
-            return req
-        req.logits_processors = logits_processors_for(params, req.origin_input_ids)
-        req.init_next_round_input()
-        self.waiting.append(req)
-        return req
+        self.intake.add(msg)
 
     def abort_request(self, msg: AbortReq) -> None:
-        req = self.requests.get(msg.rid)
-        if req is not None and not req.finished() and not req.to_abort:
-            req.to_abort = True
-            self.pending_aborts.append(req)
+        self.intake.abort(msg)
+
+    # Reported, unfinished requests by rid, and aborts not applied yet.
+    requests = property(lambda self: self.intake.requests)
+    pending_aborts = property(lambda self: self.intake.pending_aborts)
+    num_retractions = property(lambda self: self.decode.num_retractions)
 
     def flush_cache(self) -> bool:
         """Drop the radix cache; only when nothing is queued or running."""
@@ -215,7 +168,8 @@ class Scheduler:
         clock = self.timings
         with clock.phase("process"):
             self._apply_aborts()
-            if self.inflight is not None and self.drafter is not None:
+            if self.inflight is not None and self.decode.drafter is not None:
+                # Guesses follow each request's newest token: read it first.
                 self._process_result(self.inflight, self._wait_result(), None)
                 self.inflight = None
         with clock.phase("schedule"):
@@ -279,21 +233,7 @@ class Scheduler:
             return prefill
         if not decodes:
             return None
-        decodes = self._ensure_decode_room(decodes)
-        batch = self._new_batch(decodes)
-        inputs = torch.tensor([r.last_token_id() for r in decodes], dtype=torch.int64)
-        drafts = self._drafts(decodes)
-        if drafts is not None and batch.prepare_for_decode(inputs, drafts):
-            return batch
-        if not batch.prepare_for_decode(inputs):  # without guesses, if they did not fit
-            raise RuntimeError("decode could not allocate KV after retraction")  # a bug, not load
-        return batch
-
-    def _drafts(self, decodes: list[Req]) -> list[list[int]] | None:
-        if self.drafter is None:
-            return None
-        drafts = [self.drafter.propose(r, room) if (room := draft_room(r)) else [] for r in decodes]
-        return drafts if any(drafts) else None
+        return self.decode.batch(decodes)
 
     def _admit_prefill(self, decodes: list[Req], riders: list[Req]) -> ScheduleBatch | None:
         admission = self.admission.admit(self.waiting, self.chunked_req, decodes, riders)
@@ -304,57 +244,24 @@ class Scheduler:
         self.waiting = [r for r in self.waiting if id(r) not in admitted]
         return admission.batch
 
-    def _ensure_decode_room(self, decodes: list[Req]) -> list[Req]:
-        """Evict cache leaves, then retract requests, until every decode has a slot."""
-        self.kv.make_room(self.page_size * len(decodes))
-        # Fewest generated tokens first (least work lost), then the longest prompt.
-        order = sorted(decodes, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
-        while self.allocator.available_size() < self.page_size * len(decodes) and len(decodes) > 1:
-            victim = order.pop(0)
-            decodes.remove(victim)
-            self._retract(victim)
-            self.kv.make_room(self.page_size * len(decodes))
-        return decodes
-
-    def _retract(self, req: Req) -> None:
-        """Free a running request's KV and queue it again with its progress."""
-        self._free_own_kv(req)
-        self.running.remove(req)
-        req.retractions += 1
-        self.num_retractions += 1
-        req.init_next_round_input()
-        self.waiting.insert(0, req)
-        logger.info("retracted %s after %d tokens to free KV", req.rid, len(req.output_ids))
-
-    def _free_own_kv(self, req: Req) -> None:
-        self.sampling.leave(req)
-        self.admission.drop_claim(req)
-        self.kv.free_own_kv(req)
-
     def _new_batch(self, reqs: list[Req]) -> ScheduleBatch:
-        return ScheduleBatch(reqs, self.req_to_token_pool, self.allocator, self.device, self.vocab_size)
+        return ScheduleBatch(reqs, self.kv, self.device)
 
     # -- results -----------------------------------------------------------------
 
-    def _release(self, req: Req) -> None:
-        self.sampling.leave(req)
-        self.admission.drop_claim(req)
-        self.kv.release(req)
-
     def _apply_aborts(self) -> None:
         inflight = set(map(id, self.inflight.batch.reqs)) if self.inflight is not None else set()
-        aborts, self.pending_aborts = self.pending_aborts, []
-        for req in [r for r in aborts if not r.finished()]:
+        for req in self.intake.take_aborts():
             req.finished_reason = FinishReason("abort", message="aborted by the client")
             self.waiting = [r for r in self.waiting if r is not req]
             self.running = [r for r in self.running if r is not req]
             if self.chunked_req is req:
                 self.chunked_req = None
             if id(req) not in inflight:
-                self._release(req)
+                self.kv.release(req)
             self._report(req)
 
     def _report(self, req: Req) -> None:
         if req.finished():
-            self.requests.pop(req.rid, None)
+            self.intake.forget(req)
         self.output.add(req)

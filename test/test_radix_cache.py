@@ -573,3 +573,14 @@ RadixMachine.TestCase.settings = _machine_settings
 PagedRadixMachine.TestCase.settings = _machine_settings
 TestRadixCacheStateful = RadixMachine.TestCase
 TestPagedRadixCacheStateful = PagedRadixMachine.TestCase
+
+
+@pytest.mark.parametrize("cache_cls", [RadixCache, NoSharingCache])
+def test_both_caches_implement_the_declared_interface(cache_cls):
+    from managers.cache_manager import PrefixCache
+
+    pool = ReqToTokenPool(2, 16, "cpu")
+    cache = cache_cls(pool, TokenToKVPoolAllocator(32, 1, "cpu"), 1)
+    assert isinstance(cache, PrefixCache)
+    missing = [name for name in dir(PrefixCache) if not name.startswith("_") and not callable(getattr(cache, name, None))]
+    assert missing == []

@@ -23,12 +23,13 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 _INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "n", "seed", "no_repeat_ngram_size"}
 _BOOL_FIELDS = {"ignore_eos", "skip_special_tokens"}
+_GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 def check_field_type(name: str, value: Any) -> None:
     """JSON gives us any type; name the field whose value has the wrong one."""
     # max_new_tokens None: as many as the context has room for.
-    if value is None and name in ("seed", "stop", "stop_token_ids", "max_new_tokens", "logit_bias"):
+    if value is None and name in ("seed", "stop", "stop_token_ids", "max_new_tokens", "logit_bias", *_GRAMMAR_FIELDS):
         return
     if name in _INT_FIELDS:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -38,6 +39,8 @@ def check_field_type(name: str, value: Any) -> None:
     elif name == "stop":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         expected = "a string or a list of strings"
+    elif name in _GRAMMAR_FIELDS:
+        ok, expected = isinstance(value, str), "a string"
     elif name == "logit_bias":
         ok, expected = isinstance(value, dict), "an object mapping token ids to numbers"
     elif name == "stop_token_ids":

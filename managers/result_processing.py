@@ -26,8 +26,10 @@ class RequestQueues:
     waiting: list[Req] = field(default_factory=list)
     running: list[Req] = field(default_factory=list)
     chunked_req: Req | None = None  # mid-prompt: its next chunk goes first
+    grammar_waiting: list[Req] = field(default_factory=list)  # until their grammar compiled
 
     def remove(self, req: Req) -> None:
+        self.grammar_waiting = [r for r in self.grammar_waiting if r is not req]
         self.running = [r for r in self.running if r is not req]
         self.waiting = [r for r in self.waiting if r is not req]
 
@@ -108,6 +110,8 @@ class ResultProcessor:
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
         req.check_finished(self.tokenizer)
+        if not req.finished() and any(p.terminated() for p in req.logits_processors):
+            req.finished_reason = FinishReason("stop", token)  # e.g. its grammar is complete
         if req in self.queues.waiting:
             # Retracted while this batch ran: the token stands, and the
             # re-prefill must include it.

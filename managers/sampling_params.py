@@ -42,6 +42,13 @@ class SamplingParams:
     # Ban tokens that would repeat an n-gram of this size already in the
     # sequence (transformers' generate option); 0 disables it.
     no_repeat_ngram_size: int = 0
+    # Constrained decoding, at most one (sampling/grammar.py): a JSON schema
+    # (as a JSON string), a regular expression, an EBNF grammar (xgrammar's
+    # dialect) or an xgrammar structural tag (a JSON string).
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
         # OpenAI-style clients send top_k=0 for "disabled"; keep a single spelling.
@@ -91,6 +98,9 @@ class SamplingParams:
             raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if self.logit_bias:
             self._validate_logit_bias()
+        grammars = [f for f in ("json_schema", "regex", "ebnf", "structural_tag") if getattr(self, f) is not None]
+        if len(grammars) > 1:
+            raise ValueError(f"at most one of json_schema, regex, ebnf, structural_tag may be given, got {', '.join(grammars)}")
 
     def _validate_logit_bias(self) -> None:
         if len(self.logit_bias) > MAX_LOGIT_BIAS:

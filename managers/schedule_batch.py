@@ -88,6 +88,9 @@ class Req:
     top_logprobs_num: int = 0
     # Built from the sampling params when queued (sampling/logits_processors.py).
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # Constrained decoding: the compiled grammar (a future) and when to give up on it.
+    grammar: Any = None
+    grammar_deadline: float = 0.0
     # Per output token: (logprob, token id), and its top alternatives.
     output_token_logprobs: list[tuple[float, int]] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)

@@ -55,6 +55,7 @@ from managers.tp_worker import OverlapTpWorker, SyncExecutor, TpModelWorker
 from mem_cache.radix_cache import NoSharingCache, RadixCache
 from model_executor.distributed import TPGroup
 from model_executor.model_config import ModelRunnerConfig
+from sampling.grammar import GrammarCompilers
 from sampling.plan import SamplingPlan
 from sampling.planner import SamplingPlanner
 
@@ -94,9 +95,14 @@ class Scheduler:
         self.kv = CacheManager(self.req_to_token_pool, self.allocator, self.tree_cache, self.page_size)
         self.queues = RequestQueues()
         self.output = OutputReport()
+        self.grammars = None
+        if config.grammar_backend == "xgrammar" and tokenizer is not None:
+            self.grammars = GrammarCompilers(tokenizer, self.vocab_size, sorted(eos_token_ids),
+                                             any_whitespace=not config.constrained_json_disable_any_whitespace)
         self.intake = RequestIntake(
-            self.queues, IntakeLimits(self.vocab_size, self.context_len, self.capacity,
-                                      config.max_queued_requests), eos_token_ids, self._report)
+            self.queues, IntakeLimits(self.vocab_size, self.context_len, self.capacity, config.max_queued_requests,
+                                      config.grammar_compile_timeout_s),
+            eos_token_ids, self._report, self.grammars, wait_for_grammars=tp_group is not None and tp_group.size > 1)
         self.admission = PrefillAdmission(config, self.kv, SchedulePolicy(config.schedule_policy, self.tree_cache),
                                           self.max_running_requests, self._new_batch)
         self.decode = DecodeRoom(self.kv, self.queues, self._new_batch, drafter)
@@ -159,7 +165,7 @@ class Scheduler:
         }
 
     def is_idle(self) -> bool:
-        return not (self.waiting or self.running or self.chunked_req or self.inflight)
+        return not (self.waiting or self.running or self.chunked_req or self.inflight or self.queues.grammar_waiting)
 
     # -- the loop ----------------------------------------------------------------
 
@@ -168,6 +174,9 @@ class Scheduler:
         clock = self.timings
         with clock.phase("process"):
             self._apply_aborts()
+            # Nothing else to do: wait a little for a grammar rather than spin.
+            idle = not (self.waiting or self.running or self.chunked_req or self.inflight)
+            self.intake.poll_grammars(wait_s=0.005 if idle else 0.0)
             if self.inflight is not None and self.decode.drafter is not None:
                 # Guesses follow each request's newest token: read it first.
                 self._process_result(self.inflight, self._wait_result(), None)
@@ -222,6 +231,8 @@ class Scheduler:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+        if self.grammars is not None:
+            self.grammars.shutdown()
 
     # -- choosing the batch ------------------------------------------------------
 
@@ -253,8 +264,7 @@ class Scheduler:
         inflight = set(map(id, self.inflight.batch.reqs)) if self.inflight is not None else set()
         for req in self.intake.take_aborts():
             req.finished_reason = FinishReason("abort", message="aborted by the client")
-            self.waiting = [r for r in self.waiting if r is not req]
-            self.running = [r for r in self.running if r is not req]
+            self.queues.remove(req)
             if self.chunked_req is req:
                 self.chunked_req = None
             if id(req) not in inflight:

@@ -23,3 +23,9 @@ class SchedulerConfig:
     new_token_ratio: float = 0.5
     # Requests allowed to wait for admission; more are refused (503). None: no bound.
     max_queued_requests: int | None = None
+    # Constrained decoding (sampling/grammar.py): "xgrammar" or "none".
+    grammar_backend: str = "xgrammar"
+    # JSON schemas compile without free whitespace between tokens.
+    constrained_json_disable_any_whitespace: bool = False
+    # A request whose grammar has not compiled by then is refused.
+    grammar_compile_timeout_s: float = 30.0

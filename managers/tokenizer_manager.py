@@ -42,6 +42,7 @@ from managers.request_checks import (
 )
 from managers.sampling_params import SamplingParams
 from managers.tokenizer_loading import load_tokenizer
+from sampling.grammar import check_grammar, grammar_spec_of
 
 logger = logging.getLogger(__name__)
 
@@ -320,6 +321,8 @@ class TokenizerManager:
                 sampling.max_new_tokens = max(sampling.min_new_tokens, room)  # too long: _check_length says so
             self._check_ids(prompt)
             self._check_logit_bias(sampling)
+            if (spec := grammar_spec_of(sampling)) is not None:
+                check_grammar(spec)  # a 400 with the compiler's message, before anything is queued
             self._check_length(prompt, sampling)
             out.append(
                 TokenizedGenerateReq(

@@ -46,7 +46,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 _PASSTHROUGH_SAMPLING = (
     "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
     "repetition_penalty", "seed", "stop_token_ids", "ignore_eos", "skip_special_tokens", "logit_bias",
-    "no_repeat_ngram_size",
+    "no_repeat_ngram_size", "regex", "ebnf",
 )
 
 
@@ -119,6 +119,8 @@ def _sampling_params(req: SamplingFields, max_new_tokens: int | None) -> dict:
         params["min_new_tokens"] = req.min_tokens
     if req.stop is not None:
         params["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if req.response_format is not None and (schema := req.response_format.grammar()) is not None:
+        params["json_schema"] = schema
     return params
 
 

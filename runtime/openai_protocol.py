@@ -8,6 +8,7 @@ ignored: OpenAI clients send many we do not use (``user``, ``tools``...).
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,6 +21,37 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError('response_format of type "json_schema" needs json_schema.schema')
+        return self
+
+    def grammar(self) -> str | None:
+        """The JSON schema (as text) the output must match, if any."""
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.type == "json_schema":
+            return json.dumps(self.json_schema.schema_)
+        return None
 
 
 class SamplingFields(BaseModel):
@@ -49,6 +81,10 @@ class SamplingFields(BaseModel):
     # {token id: bias in [-100, 100]}; -100 bans the token.
     logit_bias: dict[str, float] | None = None
     no_repeat_ngram_size: int | None = None
+    # Constrained decoding: OpenAI's response_format, or SGLang's extra fields.
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @property
     def include_usage(self) -> bool:

@@ -43,6 +43,10 @@ class SamplingParamsBody(BaseModel):
     n: int = Field(1, ge=1, description="samples per prompt")
     logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100]; -100 bans it")
     no_repeat_ngram_size: int = Field(0, ge=0, description="ban tokens that would repeat an n-gram of this size")
+    json_schema: str | None = Field(None, description="constrain the output to this JSON schema (a JSON string)")
+    regex: str | None = Field(None, description="constrain the output to this regular expression")
+    ebnf: str | None = Field(None, description="constrain the output to this EBNF grammar (xgrammar's dialect)")
+    structural_tag: str | None = Field(None, description="xgrammar structural tag (a JSON string)")
 
 
 class _GenerateBase(BaseModel):

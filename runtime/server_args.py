@@ -86,6 +86,10 @@ class ServerArgs:
         "lpm", "Order of the waiting queue.", ("fcfs", "lpm", "dfs-weight")
     )
     disable_radix_cache: bool = _arg(False, "Do not share prefixes between requests.")
+    grammar_backend: str = _arg("xgrammar", "Backend of constrained decoding (json_schema, regex, ebnf, "
+                                "structural_tag); none turns it off.", choices=("xgrammar", "none"))
+    constrained_json_disable_any_whitespace: bool = _arg(
+        False, "JSON-schema outputs have no free whitespace (compact JSON).")
     enable_mixed_chunk: bool = _arg(
         False,
         "Run the running decodes inside prefill batches (MIXED) instead of pausing them "
@@ -331,6 +335,8 @@ class ServerArgs:
             enable_overlap=not self.disable_overlap
             and (self.device != "cpu" or self.enable_cpu_overlap),
             max_queued_requests=self.max_queued_requests,
+            grammar_backend=self.grammar_backend,
+            constrained_json_disable_any_whitespace=self.constrained_json_disable_any_whitespace,
         )
 
     def tokenizer_config(self) -> TokenizerConfig:

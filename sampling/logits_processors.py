@@ -33,7 +33,11 @@ from managers.sampling_params import BAN_BIAS, SamplingParams
 class LogitAdjustments:
     """A batch's processor output, collected on the host, applied on the device."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_size: int = 0, vocab_size: int = 0) -> None:
+        self.batch_size, self.vocab_size = batch_size, vocab_size
+        # Allowed tokens as 32-bit words per row (xgrammar's layout, bit set =
+        # allowed); made when a grammar row first asks, all-allowed elsewhere.
+        self._bitmask: torch.Tensor | None = None
         self.ban_rows: list[int] = []
         self.ban_ids: list[int] = []
         self.bias_rows: list[int] = []
@@ -44,6 +48,13 @@ class LogitAdjustments:
         for t in token_ids:
             self.ban_rows.append(row)
             self.ban_ids.append(t)
+
+    def allowed_bitmask(self) -> torch.Tensor:
+        """[batch, ceil(vocab / 32)] int32 on the host, for a grammar to fill its row."""
+        if self._bitmask is None:
+            words = (self.vocab_size + 31) // 32
+            self._bitmask = torch.full((self.batch_size, words), -1, dtype=torch.int32)
+        return self._bitmask
 
     def add_bias(self, row: int, token_ids: Sequence[int], values: Sequence[float]) -> None:
         self.bias_rows.extend([row] * len(token_ids))
@@ -58,10 +69,20 @@ class LogitAdjustments:
             index = (_index(self.bias_rows, device), _index(self.bias_ids, device))
             bias.index_put_(index, torch.tensor(self.bias_values, dtype=torch.float32, device=device), accumulate=True)
             info.logit_bias = bias
-        if self.ban_ids:
+        if self.ban_ids or self._bitmask is not None:
             banned = torch.zeros(shape, dtype=torch.bool, device=device)
-            banned[_index(self.ban_rows, device), _index(self.ban_ids, device)] = True
+            if self.ban_ids:
+                banned[_index(self.ban_rows, device), _index(self.ban_ids, device)] = True
+            if self._bitmask is not None:
+                banned |= ~_unpack_bits(self._bitmask.to(device, non_blocking=True), info.vocab_size)
             info.banned = banned
+
+
+def _unpack_bits(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, words] int32 -> [B, vocab_size] bool (bit j of word w is token 32 w + j)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
@@ -75,6 +96,10 @@ class LogitsProcessor(Protocol):
     def fill(self, adjustments: LogitAdjustments, row: int) -> None: ...
 
     def accept(self, token_id: int) -> None: ...
+
+    def terminated(self) -> bool:
+        """The request must stop here (a grammar that is complete)."""
+        ...
 
 
 class LogitBias:
@@ -96,6 +121,9 @@ class LogitBias:
 
     def accept(self, token_id: int) -> None:
         pass
+
+    def terminated(self) -> bool:
+        return False
 
 
 class NoRepeatNGram:
@@ -120,6 +148,9 @@ class NoRepeatNGram:
             self.next_tokens[tuple(self.tail)].add(token_id)
         if self.n > 1:
             self.tail.append(token_id)
+
+    def terminated(self) -> bool:
+        return False
 
 
 # Sampling parameter -> builder of its processor (None: the request does not use it).

@@ -59,7 +59,7 @@ class SamplingPlanner:
     def fill(self, pending: PendingAdjustments, reqs: list[Req]) -> None:
         """The batch's processors' output, from each request's state now."""
         try:
-            adjustments = LogitAdjustments()
+            adjustments = LogitAdjustments(len(reqs), self.vocab_size)
             for row, req in enumerate(reqs):
                 if not req.finished():  # a finished request's spare step is discarded
                     for processor in req.logits_processors:

@@ -158,6 +158,10 @@ def test_abort_request_route(server):
         ({"text": "x", "sampling_params": {"logit_bias": {"5": -101}}}, "logit_bias values must be numbers in [-100, 100]"),
         ({"text": "x", "sampling_params": {"logit_bias": [5]}}, "logit_bias must be an object"),
         ({"text": "x", "sampling_params": {"no_repeat_ngram_size": -1}}, "no_repeat_ngram_size must be >= 0"),
+        ({"text": "x", "sampling_params": {"regex": "([a-z"}}, "regex does not compile: Regex parsing error"),
+        ({"text": "x", "sampling_params": {"json_schema": '{"type": "nope"}'}}, 'Unsupported type "nope"'),
+        ({"text": "x", "sampling_params": {"json_schema": {"type": "object"}}}, "json_schema must be a string"),
+        ({"text": "x", "sampling_params": {"regex": "a", "ebnf": 'root ::= "a"'}}, "at most one of json_schema"),
     ],
 )
 def test_bad_input_is_a_400_and_the_server_keeps_working(server, body, fragment):
@@ -336,3 +340,14 @@ def test_killing_the_scheduler_fails_fast_and_exits_nonzero(tiny_qwen3, tmp_path
     assert "scheduler process" in srv.log() and "died" in srv.log()
     time.sleep(1.5)
     assert not alive(processes["detokenizer"])
+
+
+def test_generate_with_a_regex_and_an_ebnf(server):
+    import re
+
+    out = post(server, "/generate", {"text": "Number:", "sampling_params": {**greedy(12), "regex": "[0-9]{4}"}})
+    assert out.status_code == 200 and re.fullmatch("[0-9]{4}", out.json()["text"])
+    assert out.json()["meta_info"]["finish_reason"]["type"] == "stop"
+    out = post(server, "/generate", {"text": ["a", "b"], "sampling_params": {**greedy(8), "ebnf": 'root ::= "on" | "off"'}})
+    assert [o["text"] for o in out.json()] in (["on", "on"], ["on", "off"], ["off", "on"], ["off", "off"])
+    assert_no_leak(server)

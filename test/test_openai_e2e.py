@@ -13,7 +13,9 @@ from server_helpers import alive, start_server
 
 @pytest.fixture(scope="module")
 def server(tiny_qwen3, tmp_path_factory):
-    srv = start_server(tiny_qwen3, tmp_path_factory.mktemp("logs"), "--dtype", "float32", "--served-model-name", "tiny")
+    # Compact JSON: a random model given free whitespace may never close the object.
+    srv = start_server(tiny_qwen3, tmp_path_factory.mktemp("logs"), "--dtype", "float32", "--served-model-name", "tiny",
+                       "--constrained-json-disable-any-whitespace")
     yield srv
     srv.stop()
 
@@ -106,3 +108,50 @@ def test_logit_bias_pulls_a_token_and_checks_ids(tiny_qwen3, client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny", prompt="x", max_tokens=2, logit_bias={"999999": 5})
     assert "logit_bias token id 999999" in err.value.body["message"]
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}, "kind": {"enum": ["cat", "dog"]}},
+    "required": ["id", "kind"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs(client):
+    import json
+    import re
+
+    import jsonschema
+
+    messages = [{"role": "user", "content": "Describe a pet"}]
+    out = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA}})
+    jsonschema.validate(json.loads(out.choices[0].message.content), SCHEMA)
+    assert out.choices[0].finish_reason == "stop"
+    sampled = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=1.0, seed=3,
+                                             n=3, response_format={"type": "json_object"})
+    assert all(isinstance(json.loads(c.message.content), dict) for c in sampled.choices)
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=40, temperature=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA}})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == out.choices[0].message.content
+    text = client.completions.create(model="tiny", prompt="Code:", max_tokens=20, temperature=0,
+                                     extra_body={"regex": "[A-Z]{2}-[0-9]{3}"}).choices[0].text
+    assert re.fullmatch("[A-Z]{2}-[0-9]{3}", text)
+    ebnf = client.completions.create(model="tiny", prompt="Pick:", max_tokens=10, temperature=0,
+                                     extra_body={"ebnf": 'root ::= "yes" | "no"'}).choices[0].text
+    assert ebnf in ("yes", "no")
+
+
+def test_a_grammar_that_does_not_compile_is_a_400_and_the_server_goes_on(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=5,
+            response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nope"}}})
+    assert 'Unsupported type "nope"' in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="x", max_tokens=5, extra_body={"regex": "([a-z"})
+    assert "regex does not compile" in err.value.body["message"]
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2

@@ -36,8 +36,10 @@ def test_curl_example(server):
 
 
 def test_openai_and_engine_examples(server):
-    openai_example, engine_example = readme_blocks("python")
-    for code in (openai_example.replace("127.0.0.1:30000", server.url.removeprefix("http://")), engine_example):
+    openai_example, engine_example, structured_example = readme_blocks("python")
+    here = server.url.removeprefix("http://")
+    for code in (openai_example.replace("127.0.0.1:30000", here), engine_example,
+                 structured_example.replace("127.0.0.1:30000", here)):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=ROOT)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip()

@@ -164,6 +164,8 @@ class TokenizerManager:
         """`ready` is the scheduler's `SchedulerReady` report (limits of the model and pool)."""
         self.server_args = server_args
         self.served_model_name = server_args.served_model_name
+        self.tool_call_parser = server_args.tool_call_parser
+        self.reasoning_parser = server_args.reasoning_parser
         self.context_len = ready.context_len
         self.kv_capacity = ready.max_total_num_tokens
         self.vocab_size = ready.vocab_size

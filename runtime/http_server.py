@@ -36,7 +36,8 @@ from runtime.graceful_shutdown import DrainingServer, DrainState
 from runtime.info_routes import register_info_routes
 from runtime.launch import ChildProcesses, launch_children
 from runtime.metrics import ServerMetrics
-from runtime.openai_api import openai_error_body, register_openai_routes
+from runtime.openai_api import register_openai_routes
+from runtime.openai_responses import openai_error_body
 from runtime.request_schema import AbortRequestBody, GenerateRequest, add_request_schemas
 from runtime.server_args import ServerArgs
 from runtime.sglang_fields import WarnOncePerName, split_generate_body

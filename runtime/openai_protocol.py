@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from runtime.chat_tools import Tool, ToolChoice
+
 # Accepted as a model name besides the served one (SGLang's and many clients' default).
 DEFAULT_MODEL_NAME = "default"
 
@@ -113,6 +115,8 @@ class ChatMessage(BaseModel):
     # None is legal for assistant turns that only carried tool calls.
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # assistant turns: the calls it made
+    tool_call_id: str | None = None  # tool turns: which call this answers
 
     def text(self) -> str:
         if self.content is None:
@@ -129,6 +133,12 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, "none" without
+    parallel_tool_calls: bool = True
+    # SGLang's: reasoning split off into reasoning_content (with --reasoning-parser).
+    separate_reasoning: bool = True
+    chat_template_kwargs: dict | None = None  # e.g. {"enable_thinking": false}
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:

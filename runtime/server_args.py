@@ -86,6 +86,11 @@ class ServerArgs:
         "lpm", "Order of the waiting queue.", ("fcfs", "lpm", "dfs-weight")
     )
     disable_radix_cache: bool = _arg(False, "Do not share prefixes between requests.")
+    tool_call_parser: str | None = _arg(
+        None, "Parse tool calls out of chat output in this model's format.",
+        choices=("qwen25", "llama3", "mistral", "pythonic", "deepseekv3"))
+    reasoning_parser: str | None = _arg(
+        None, "Split the model's <think> reasoning into reasoning_content.", choices=("qwen3", "deepseek-r1"))
     grammar_backend: str = _arg("xgrammar", "Backend of constrained decoding (json_schema, regex, ebnf, "
                                 "structural_tag); none turns it off.", choices=("xgrammar", "none"))
     constrained_json_disable_any_whitespace: bool = _arg(

@@ -16,22 +16,18 @@ from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
 from runtime.demo_model import demo_model_path
-from runtime.openai_api import (
+from runtime.openai_api import chat_to_generate, check_model, completion_to_generate, parse_request, register_openai_routes
+from runtime.openai_responses import (
     SSE_DONE,
     OrjsonResponse,
     _peek,
     build_chat_response,
     build_completion_response,
     chat_logprobs,
-    chat_to_generate,
-    check_model,
     completion_logprobs,
-    completion_to_generate,
     map_finish_reason,
     openai_error_response,
     openai_stream,
-    parse_request,
-    register_openai_routes,
     usage_from_results,
 )
 from runtime.openai_protocol import ChatCompletionRequest, CompletionRequest

@@ -23,7 +23,7 @@ def readme_blocks(language: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(tiny_qwen3, tmp_path_factory):
-    srv = start_server(tiny_qwen3, tmp_path_factory.mktemp("logs"))
+    srv = start_server(tiny_qwen3, tmp_path_factory.mktemp("logs"), "--tool-call-parser", "qwen25")
     yield srv
     srv.stop()
 
@@ -36,10 +36,10 @@ def test_curl_example(server):
 
 
 def test_openai_and_engine_examples(server):
-    openai_example, engine_example, structured_example = readme_blocks("python")
+    openai_example, engine_example, structured_example, tools_example = readme_blocks("python")
     here = server.url.removeprefix("http://")
     for code in (openai_example.replace("127.0.0.1:30000", here), engine_example,
-                 structured_example.replace("127.0.0.1:30000", here)):
+                 structured_example.replace("127.0.0.1:30000", here), tools_example.replace("127.0.0.1:30000", here)):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=ROOT)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip()

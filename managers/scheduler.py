@@ -152,7 +152,7 @@ class Scheduler:
             "running_requests": len(self.running),
             # Includes requests finishing in the batch still in flight (overlap).
             "requests_holding_kv": self.req_to_token_pool.size - self.req_to_token_pool.available_size(),
-            "waiting_requests": len(self.waiting) + (self.chunked_req is not None),
+            "waiting_requests": len(self.waiting) + (self.chunked_req is not None) + len(self.queues.grammar_waiting),
             "kv_used_tokens": self.capacity - self.allocator.available_size(),
             "kv_capacity_tokens": self.capacity,
             "kv_free_tokens": self.allocator.available_size(),

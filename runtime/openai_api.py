@@ -32,6 +32,7 @@ from runtime.chat_output import ChatOutputRules
 from runtime.chat_tools import NamedToolChoice, check_tools, forced_call_grammar, template_messages
 from runtime.openai_responses import OrjsonResponse, _build_response, _peek, openai_error_response, openai_stream
 from runtime.request_schema import add_request_schemas
+from sampling.grammar import GRAMMAR_FIELDS, GrammarSpec, after_reasoning
 
 if TYPE_CHECKING:
     from managers.tokenizer_manager import TokenizerManager
@@ -156,6 +157,13 @@ def chat_to_generate(req: ChatCompletionRequest, tm: TokenizerManager) -> Genera
             raise ValueError("tool_choice required or naming a function cannot be combined with response_format, "
                              "regex or ebnf")
         params["ebnf"] = forced_call_grammar(tm.tool_call_parser, tools, req.tool_choice)
+    thinking = (req.chat_template_kwargs or {}).get("enable_thinking") is not False
+    if tm.reasoning_parser is not None and req.separate_reasoning and thinking:
+        # The model reasons freely; only its answer must follow the grammar.
+        given = [k for k in GRAMMAR_FIELDS if params.get(k) is not None]
+        if given:
+            spec = after_reasoning(GrammarSpec(given[0], params.pop(given[0])), tm.reasoning_parser)
+            params[spec.kind] = spec.text
     return GenerateReqInput(
         text=text, sampling_params=params, stream=req.stream,
         return_logprob=req.logprobs, top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else 0)

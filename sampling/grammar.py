@@ -45,6 +45,47 @@ def grammar_spec_of(params: Any) -> GrammarSpec | None:
     return GrammarSpec(*given[0]) if given else None
 
 
+def structural_tag_text(text: str) -> str:
+    """SGLang's structural tag (`structures` with begin / schema / end, plus
+    `triggers`) in the `format` form xgrammar reads; the latter passes as is."""
+    try:
+        tag = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"structural_tag is not valid JSON: {err}") from None
+    if not isinstance(tag, dict) or "format" in tag or "structures" not in tag:
+        return text
+    tags = [{"begin": s.get("begin", ""), "end": s.get("end", ""),
+             "content": {"type": "json_schema", "json_schema": s.get("schema", {})}} for s in tag["structures"]]
+    return json.dumps({"type": "structural_tag",
+                       "format": {"type": "triggered_tags", "triggers": tag.get("triggers", []), "tags": tags}})
+
+
+def _content_format(spec: GrammarSpec) -> dict:
+    """A grammar as a structural-tag element."""
+    if spec.kind == "json_schema":
+        return {"type": "json_schema", "json_schema": json.loads(spec.text)}
+    if spec.kind == "regex":
+        return {"type": "regex", "pattern": spec.text}
+    if spec.kind == "ebnf":
+        return {"type": "grammar", "grammar": spec.text}
+    return json.loads(structural_tag_text(spec.text))["format"]
+
+
+def after_reasoning(spec: GrammarSpec, reasoning_parser: str) -> GrammarSpec:
+    """`spec` applied only to the answer: free reasoning first, as the
+    reasoning parser reads it (qwen3: an optional leading <think> block;
+    deepseek-r1: the output opens inside it), then the grammar."""
+    answer = _content_format(spec)
+    gap = {"type": "regex", "pattern": "[ \\n]*"}  # models put blank lines after </think>
+    if reasoning_parser == "deepseek-r1":
+        thought = {"type": "tag", "begin": "", "content": {"type": "any_text"}, "end": "</think>"}
+        fmt: dict = {"type": "sequence", "elements": [thought, gap, answer]}
+    else:
+        thought = {"type": "tag", "begin": "<think>", "content": {"type": "any_text"}, "end": "</think>"}
+        fmt = {"type": "or", "elements": [{"type": "sequence", "elements": [thought, gap, answer]}, answer]}
+    return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": fmt}))
+
+
 def _compiler_message(err: Exception) -> str:
     return _LOCATION_PREFIX.sub("", str(err).strip()).strip()
 
@@ -63,7 +104,7 @@ def check_grammar(spec: GrammarSpec) -> None:
         elif spec.kind == "ebnf":
             xgr.Grammar.from_ebnf(spec.text)
         else:
-            xgr.Grammar.from_structural_tag(spec.text)
+            xgr.Grammar.from_structural_tag(structural_tag_text(spec.text))
     except json.JSONDecodeError as err:
         raise ValueError(f"json_schema is not valid JSON: {err}") from None
     except Exception as err:  # noqa: BLE001 -- xgrammar raises RuntimeError / its own types
@@ -121,7 +162,7 @@ class GrammarCompilers:
                 return compiler.compile_regex(spec.text)
             if spec.kind == "ebnf":
                 return compiler.compile_grammar(spec.text)
-            return compiler.compile_structural_tag(spec.text)
+            return compiler.compile_structural_tag(structural_tag_text(spec.text))
         except Exception as err:  # noqa: BLE001
             raise ValueError(f"{spec.kind} does not compile: {_compiler_message(err)}") from None
 

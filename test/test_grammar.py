@@ -174,3 +174,48 @@ def test_a_grammar_that_does_not_compile_is_refused_with_the_reason(tiny_qwen3, 
 def test_grammar_check_names_the_compilers_complaint(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         check_grammar(spec)
+
+
+def test_sglang_structural_tags_compile_and_constrain(tokenizer):
+    """SGLang's structural_tag form (structures + triggers): free text until a
+    trigger, then the tagged JSON must match its schema."""
+    from sampling.grammar import GrammarCompilers, GrammarProcessor
+
+    tag = json.dumps({"type": "structural_tag", "triggers": ["<function="], "structures": [
+        {"begin": "<function=f>", "schema": {"type": "object", "properties": {"x": {"type": "integer"}},
+                                             "required": ["x"]}, "end": "</function>"}]})
+    check_grammar(GrammarSpec("structural_tag", tag))
+    compilers = GrammarCompilers(tokenizer, 4096, [tokenizer.eos_token_id])
+    compiled = compilers.compile(GrammarSpec("structural_tag", tag)).result(timeout=60)
+
+    def accepts(text: str) -> bool:
+        processor = GrammarProcessor(compiled)
+        return all(processor.matcher.accept_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
+
+    assert accepts('hi <function=f>{"x": 12}</function> bye')
+    assert not accepts('hi <function=f>{"x": "no"}</function>')
+    compilers.shutdown()
+
+
+
+@pytest.mark.parametrize("parser", ["qwen3", "deepseek-r1"])
+def test_a_grammar_after_reasoning_binds_only_the_answer(tokenizer, parser):
+    from sampling.grammar import GrammarCompilers, GrammarProcessor, after_reasoning
+
+    spec = after_reasoning(GrammarSpec("regex", "[0-9]{3}"), parser)
+    check_grammar(spec)
+    compilers = GrammarCompilers(tokenizer, 4096, [tokenizer.eos_token_id])
+    compiled = compilers.compile(spec).result(timeout=60)
+
+    def complete(text: str) -> bool:
+        """`text` is a whole output the grammar allows (then the end of sequence)."""
+        processor = GrammarProcessor(compiled)
+        ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        return all(processor.matcher.accept_token(t) for t in ids)
+
+    opened = "<think>" if parser == "qwen3" else ""
+    assert complete(f"{opened}Is it 12? No, abc.</think>\n\n123")
+    assert not complete(f"{opened}fine</think>\n\n12a")
+    assert not complete(f"{opened}123")  # the answer comes after the reasoning
+    assert complete("123") == (parser == "qwen3")  # qwen3's thinking is optional
+    compilers.shutdown()

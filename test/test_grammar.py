@@ -219,3 +219,25 @@ def test_a_grammar_after_reasoning_binds_only_the_answer(tokenizer, parser):
     assert not complete(f"{opened}123")  # the answer comes after the reasoning
     assert complete("123") == (parser == "qwen3")  # qwen3's thinking is optional
     compilers.shutdown()
+
+
+def test_stop_strings_and_logprobs_under_a_grammar(tiny_qwen3, tokenizer):
+    prompt = make_prompts([12], VOCAB, seed=107)[0]
+    sched = scheduler(tiny_qwen3, tokenizer, overlap=True)
+    free = run(sched, [("free", prompt, SamplingParams(max_new_tokens=30, regex=r"[a-z]{4}-[0-9]{3}",
+                                                          temperature=0.0))])["free"]
+    text = text_of(tokenizer, free)
+    stopped = run(sched, [("stop", prompt, SamplingParams(max_new_tokens=30, regex=r"[a-z]{4}-[0-9]{3}",
+                                                             temperature=0.0, stop=["-"]))])["stop"]
+    assert stopped.finish.kind == "stop" and stopped.finish.matched == "-"
+    assert text.startswith(text_of(tokenizer, stopped).rstrip("-")) and len(stopped.output_ids) < len(free.output_ids)
+    sched.add_request(TokenizedGenerateReq("lp", prompt, SamplingParams(max_new_tokens=30, regex=r"[a-z]{4}-[0-9]{3}",
+                                                                        temperature=0.0),
+                                           return_logprob=True, top_logprobs_num=2))
+    logprobs = []
+    for out in sched.run_until_idle():
+        for rid, lps in zip(out.rids, out.new_token_logprobs):
+            logprobs += lps or []
+    assert [t for _, t in logprobs] == free.output_ids and all(lp <= 0 for lp, _ in logprobs)
+    assert_no_leak(sched)
+    sched.shutdown()

@@ -245,3 +245,26 @@ def test_each_rank_binds_its_own_gpu_to_the_process_group():
     assert DistInitConfig(2, 1, "h:1", "cuda:1").device_id == torch.device("cuda", 1)
     with pytest.raises(ValueError, match=r"indexed CUDA device \(cuda:<local rank>\), got 'cuda'"):
         DistInitConfig(2, 1, "h:1", "cuda").device_id
+
+
+def test_tp2_constrained_decoding_masks_alike_on_every_rank():
+    """Each rank compiles the grammar and masks its own logits; ranks wait
+    for the compile, so they schedule alike, and the output (penalties and a
+    logit bias as well) equals tp 1's and matches the regex."""
+    import re
+
+    path = demo_model_path("qwen3", "tiny")
+    params = [{"max_new_tokens": 24, "temperature": 0, "regex": "[a-z]{3}-[0-9]{2,3}"},
+              {"max_new_tokens": 12, "temperature": 0, "repetition_penalty": 1.3, "logit_bias": {"40": -100}},
+              {"max_new_tokens": 12, "temperature": 0.8, "seed": 3, "ebnf": 'root ::= ("ab" | "cd")+'}]
+    prompts = ["Code:", "Hello there", "Pick:"]
+    outs = []
+    for tp in (2, 1):
+        engine = Engine(model_path=str(path), dtype="float32", max_total_tokens=2048, tp_size=tp)
+        try:
+            outs.append(engine.generate(prompts, params))
+        finally:
+            engine.shutdown()
+    assert [o["output_ids"] for o in outs[0]] == [o["output_ids"] for o in outs[1]]
+    assert re.fullmatch("[a-z]{3}-[0-9]{2,3}", outs[0][0]["text"])
+    assert 40 not in outs[0][1]["output_ids"]

@@ -88,9 +88,33 @@ def _call_object(name: str, parameters: dict | None, arguments_key: str) -> dict
             "required": ["name", arguments_key], "additionalProperties": False}
 
 
+def _pythonic_call(name: str, params: dict | None, text, schema) -> Any:
+    """`[name(key=value, ...)]` with the required parameters in declared order.
+    Values are JSON, which Python reads alike, except booleans and null at the
+    top level (True / False / None); nested ones stay JSON's, which the
+    pythonic parser refuses, so schemas with nested booleans are not forced."""
+    import xgrammar as xgr
+
+    properties = (params or {}).get("properties", {})
+    required = [k for k in properties if k in set((params or {}).get("required", ()))]
+    parts = [text(f"[{name}(")]
+    for i, key in enumerate(required):
+        parts.append(text(f"{', ' if i else ''}{key}="))
+        prop = properties[key]
+        if prop.get("type") == "boolean":
+            parts.append(xgr.Grammar.from_ebnf('root ::= "True" | "False"'))
+        elif prop.get("type") == "null":
+            parts.append(text("None"))
+        else:
+            parts.append(schema(prop))
+    parts.append(text(")]"))
+    return xgr.Grammar.concat(*parts)
+
+
 def forced_call_grammar(parser: str, tools: list[Tool], choice: ToolChoice) -> str:
     """EBNF of exactly one call, in `parser`'s format, to the named function
-    or (for `required`) any of `tools`, its arguments valid for its schema."""
+    or (for `required`) any of `tools`, its arguments valid for its schema
+    (for `pythonic`: its required arguments, see `_pythonic_call`)."""
     import xgrammar as xgr
 
     chosen = [t for t in tools if not isinstance(choice, NamedToolChoice) or t.function.name == choice.function.name]
@@ -116,8 +140,9 @@ def forced_call_grammar(parser: str, tools: list[Tool], choice: ToolChoice) -> s
             calls.append(xgr.Grammar.concat(
                 text(f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n"),
                 schema(params or {"type": "object"}), text("\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>")))
+        elif parser == "pythonic":
+            calls.append(_pythonic_call(name, params, text, schema))
         else:
-            raise ValueError(f"tool_choice {'required' if choice == 'required' else 'naming a function'} needs a "
-                             f"tool-call format written as JSON (qwen25, llama3, mistral, deepseekv3), not {parser}")
+            raise ValueError(f"no forced-call grammar for tool-call parser {parser!r}")
     grammar = calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
     return str(grammar)

@@ -16,7 +16,7 @@ from managers.io_struct import TokenizedGenerateReq
 from managers.sampling_params import SamplingParams
 from model_helpers import make_prompts
 from sampling.grammar import GrammarSpec, check_grammar
-from scheduler_helpers import Outcome, assert_no_leak, collect, make_scheduler
+from scheduler_helpers import Outcome, assert_no_leak, make_scheduler, run
 
 VOCAB = 4000
 REGEX = r"[0-9]{3}-[a-z]{2,4}"
@@ -45,15 +45,6 @@ def scheduler(path, tokenizer, **kw):
     assert isinstance(sched, Scheduler) and sched.grammars is not None
     sched.grammars.any_whitespace = False  # compact JSON: a random model never stops adding spaces
     return sched
-
-
-def run(sched, requests) -> dict[str, Outcome]:
-    outcomes: dict[str, Outcome] = {}
-    for rid, ids, params in requests:
-        sched.add_request(TokenizedGenerateReq(rid, ids, params))
-    for out in sched.run_until_idle():
-        collect(outcomes, out)
-    return outcomes
 
 
 def text_of(tokenizer, outcome: Outcome) -> str:

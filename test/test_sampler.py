@@ -312,7 +312,7 @@ def test_bf16_logits() -> None:
     assert out[0] == seeded_f32[0]
 
 
-# ------------------------------------------------------------------ filter/merge
+# ------------------------------------------------------------------- mixed batch
 
 MIX = [
     SamplingParams(temperature=0.0),
@@ -323,20 +323,6 @@ MIX = [
 ]
 PROMPT = [[0], [1, 2], [3], [4, 4], [5]]
 OUTPUT = [[6], [], [7, 7], [8], [9, 1]]
-
-
-def pick(rows: list, keep: list[int]) -> list:
-    return [rows[i] for i in keep]
-
-
-def assert_same(a: SamplingBatchInfo, b: SamplingBatchInfo, logits: torch.Tensor) -> None:
-    for name in ("temperatures", "top_ps", "top_ks", "min_ps", "greedy_mask"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    for name in ("is_all_greedy", "need_top_p", "need_top_k", "need_min_p", "seeds", "output_lens"):
-        assert getattr(a, name) == getattr(b, name), name
-    for name in ("frequency_penalties", "presence_penalties", "repetition_penalties"):
-        assert (getattr(a, name) is None) == (getattr(b, name) is None), name
-    assert torch.equal(apply_penalties(logits, a), apply_penalties(logits, b))
 
 
 # -------------------------------------------------------------------- validation

@@ -18,18 +18,11 @@ from sampling.batch_info import build_sampling_info, uses_counts
 from sampling.logits_processors import LogitAdjustments, LogitBias, NoRepeatNGram, logits_processors_for
 from sampling.planner import SamplingPlanner
 from sampling.row_state import SamplingRows
+from test_sampler import MIX, OUTPUT, PROMPT
 
 CPU = torch.device("cpu")
 V = 10
-MIX = [
-    SamplingParams(temperature=0.0),
-    SamplingParams(top_k=3, frequency_penalty=0.5),
-    SamplingParams(top_p=0.7, seed=4),
-    SamplingParams(min_p=0.1, repetition_penalty=1.4),
-    SamplingParams(presence_penalty=-1.0, temperature=0.5),
-]
-PROMPT = [[0], [1, 2], [3], [4, 4], [5]]
-OUTPUT = [[6], [], [7, 7], [8], [9, 1]]
+# The mixed batch test_sampler.py also uses: every parameter, penalties on some rows.
 
 
 class _Batch:

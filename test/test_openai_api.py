@@ -36,7 +36,8 @@ from runtime.openai_protocol import ChatCompletionRequest, CompletionRequest
 @pytest.fixture(scope="module")
 def tm() -> SimpleNamespace:
     tok = AutoTokenizer.from_pretrained(demo_model_path("qwen3", "tiny"))
-    return SimpleNamespace(tokenizer=tok, served_model_name="m", context_len=2048)
+    return SimpleNamespace(tokenizer=tok, served_model_name="m", context_len=2048, tool_call_parser=None,
+                           reasoning_parser=None)
 
 
 def body(obj) -> bytes:
@@ -237,7 +238,8 @@ def test_chat_max_tokens_and_logprobs(tm):
 def test_chat_template_errors_become_value_errors(tm):
     tok = AutoTokenizer.from_pretrained(demo_model_path("qwen3", "tiny"))
     tok.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
-    strict_tm = SimpleNamespace(tokenizer=tok, served_model_name="m", context_len=2048)
+    strict_tm = SimpleNamespace(tokenizer=tok, served_model_name="m", context_len=2048, tool_call_parser=None,
+                           reasoning_parser=None)
     with pytest.raises(ValueError, match="roles must alternate"):
         chat_to_generate(chat(), strict_tm)
 
@@ -484,3 +486,14 @@ def test_openapi_describes_both_request_bodies(client):
         assert name in schemas
     assert "prompt" in schemas["CompletionRequest"]["required"]
     assert "ChatMessage" in schemas and "messages" in schemas["ChatCompletionRequest"]["required"]
+
+
+def test_a_grammar_is_moved_after_the_reasoning_when_the_server_splits_it(tm):
+    thinking = SimpleNamespace(**{**vars(tm), "reasoning_parser": "qwen3"})
+    req = ChatCompletionRequest.model_validate({
+        "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}})
+    params = chat_to_generate(req, thinking).sampling_params
+    assert "json_schema" not in params and '"any_text"' in params["structural_tag"]
+    no_thinking = req.model_copy(update={"chat_template_kwargs": {"enable_thinking": False}})
+    assert chat_to_generate(no_thinking, thinking).sampling_params["json_schema"] == '{"type": "object"}'
+    assert chat_to_generate(req, tm).sampling_params["json_schema"] == '{"type": "object"}'

@@ -69,20 +69,12 @@ class LogitAdjustments:
             index = (_index(self.bias_rows, device), _index(self.bias_ids, device))
             bias.index_put_(index, torch.tensor(self.bias_values, dtype=torch.float32, device=device), accumulate=True)
             info.logit_bias = bias
-        if self.ban_ids or self._bitmask is not None:
+        if self.ban_ids:
             banned = torch.zeros(shape, dtype=torch.bool, device=device)
-            if self.ban_ids:
-                banned[_index(self.ban_rows, device), _index(self.ban_ids, device)] = True
-            if self._bitmask is not None:
-                banned |= ~_unpack_bits(self._bitmask.to(device, non_blocking=True), info.vocab_size)
+            banned[_index(self.ban_rows, device), _index(self.ban_ids, device)] = True
             info.banned = banned
-
-
-def _unpack_bits(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, words] int32 -> [B, vocab_size] bool (bit j of word w is token 32 w + j)."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
-    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+        if self._bitmask is not None:
+            info.allowed_bitmask = self._bitmask.to(device, non_blocking=True)
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:

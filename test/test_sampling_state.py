@@ -182,3 +182,20 @@ def test_processors_come_from_the_sampling_params() -> None:
 def test_bad_logit_bias_is_refused(bias: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SamplingParams(logit_bias=bias).validate()
+
+
+def test_a_grammar_bitmask_bans_exactly_the_tokens_whose_bit_is_clear():
+    from layers.sampler import apply_allowed_bitmask
+
+    vocab = 70  # not a multiple of 32: the last word is partly padding
+    gen = torch.Generator().manual_seed(11)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 3), dtype=torch.int32, generator=gen)
+    logits = torch.randn(3, vocab, generator=gen)
+    out = logits.clone()
+    apply_allowed_bitmask(out, bitmask)
+    for row in range(3):
+        for token in range(vocab):
+            allowed = (int(bitmask[row, token // 32]) >> (token % 32)) & 1
+            assert (out[row, token] == float("-inf")) != bool(allowed)
+            if allowed:
+                assert out[row, token] == logits[row, token]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from sampling.batch_info import uses_counts
+
 if TYPE_CHECKING:
     from managers.schedule_batch import Req
 
@@ -26,10 +28,7 @@ def draft_room(req: Req) -> int:
     """How many guesses `req` may verify this step: none unless verification
     is exact for it, and never past its last token (max_new_tokens)."""
     p = req.sampling_params
-    exact = p.is_greedy and not (
-        p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1
-        or req.logits_processors or req.hidden
-    )
+    exact = p.is_greedy and not (uses_counts(p) or req.logits_processors or req.hidden)
     if not exact:
         return 0
     # This step yields up to guesses + 1 tokens.

@@ -13,6 +13,7 @@ from typing import Any
 
 from managers.io_struct import FinishReason, GenerateReqInput, TokenizedGenerateReq
 from managers.sampling_params import SamplingParams
+from sampling.grammar import GRAMMAR_FIELDS
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 MAX_TOP_LOGPROBS = 20
@@ -23,13 +24,12 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 _INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "n", "seed", "no_repeat_ngram_size"}
 _BOOL_FIELDS = {"ignore_eos", "skip_special_tokens"}
-_GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 def check_field_type(name: str, value: Any) -> None:
     """JSON gives us any type; name the field whose value has the wrong one."""
     # max_new_tokens None: as many as the context has room for.
-    if value is None and name in ("seed", "stop", "stop_token_ids", "max_new_tokens", "logit_bias", *_GRAMMAR_FIELDS):
+    if value is None and name in ("seed", "stop", "stop_token_ids", "max_new_tokens", "logit_bias", *GRAMMAR_FIELDS):
         return
     if name in _INT_FIELDS:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -39,7 +39,7 @@ def check_field_type(name: str, value: Any) -> None:
     elif name == "stop":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         expected = "a string or a list of strings"
-    elif name in _GRAMMAR_FIELDS:
+    elif name in GRAMMAR_FIELDS:
         ok, expected = isinstance(value, str), "a string"
     elif name == "logit_bias":
         ok, expected = isinstance(value, dict), "an object mapping token ids to numbers"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sampling.grammar import grammar_spec_of  # stdlib only at import: no torch here
+
 # Temperatures below this sample as greedy: dividing logits by them overflows
 # (1e-38 gave inf logits and NaN probabilities). SGLang and vLLM do the same.
 GREEDY_TEMPERATURE = 1e-5
@@ -98,9 +100,7 @@ class SamplingParams:
             raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if self.logit_bias:
             self._validate_logit_bias()
-        grammars = [f for f in ("json_schema", "regex", "ebnf", "structural_tag") if getattr(self, f) is not None]
-        if len(grammars) > 1:
-            raise ValueError(f"at most one of json_schema, regex, ebnf, structural_tag may be given, got {', '.join(grammars)}")
+        grammar_spec_of(self)  # at most one grammar
 
     def _validate_logit_bias(self) -> None:
         if len(self.logit_bias) > MAX_LOGIT_BIAS:

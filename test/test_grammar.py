@@ -41,7 +41,6 @@ def scheduler(path, tokenizer, **kw):
     from managers.scheduler import Scheduler
 
     sched = make_scheduler(path, tokenizer=tokenizer, eos=frozenset({tokenizer.eos_token_id}), **kw)
-    sched.config.constrained_json_disable_any_whitespace = True
     assert isinstance(sched, Scheduler) and sched.grammars is not None
     sched.grammars.any_whitespace = False  # compact JSON: a random model never stops adding spaces
     return sched

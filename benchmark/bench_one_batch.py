@@ -177,9 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["on", "off"],
         help="decode from captured CUDA graphs (CUDA only); `--ablate cuda-graph` times both in lock step",
     )
+    parser.add_argument("--quantization", default=None, help="as the server's --quantization")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="also time another model set-up in lock step, e.g. int8:quantization=int8 or "
+        "int4:model_path=/ckpt/gptq (keys: quantization, model_path); repeatable",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
+
+
+VARIANT_KEYS = ("quantization", "model_path")
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, spec = text.partition(":")
+    settings = dict(item.split("=", 1) for item in spec.split(",") if item)
+    unknown = set(settings) - set(VARIANT_KEYS)
+    if not name or unknown:
+        raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE with keys {', '.join(VARIANT_KEYS)}")
+    return name, settings
 
 
 # name -> (ModelRunnerConfig overrides, torch-native staging budget or None for the default)
@@ -207,6 +228,7 @@ def make_runner(
         random_seed=args.seed,
         disable_cuda_graph=args.cuda_graph == "off",
         load_format=args.load_format,
+        quantization=args.quantization,
     )
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -233,6 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.ablate:
         ablated = make_runner(args, model_path, *ABLATIONS[name])
         engines[f"no-{name}"] = lambda r=ablated: run_ours(r, prompts, args.output_len)
+    variants = {"radixserve": runner}
+    for text in args.variant:
+        name, settings = parse_variant(text)
+        path = settings.pop("model_path", model_path)
+        variants[name] = make_runner(args, path, settings, None)
+        engines[name] = lambda r=variants[name]: run_ours(r, prompts, args.output_len)
     if args.compare_hf:
         from transformers import AutoModelForCausalLM
 
@@ -249,7 +277,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = [summarize(name, r, args.batch_size, args.input_len) for name, r in rounds.items()]
     ours = rows[0]
-    ours.update(roofline(args, model_path, runner, ours["median_decode_ms_per_step"]))
+    for row in rows:
+        if row["engine"] in variants:
+            variant = variants[row["engine"]]
+            row.update(roofline(args, variant.config.model_path, variant, row["median_decode_ms_per_step"]))
+            row["weight_bytes"] = variant.quantization_info["weight_bytes"]
     for row in rows[1:]:
         row["ours_decode_speedup"] = round(ours["decode_tok_per_s"] / row["decode_tok_per_s"], 3)
         row["ours_decode_speedup_paired"] = paired_ratio(rounds["radixserve"], rounds[row["engine"]])
@@ -289,7 +321,7 @@ def roofline(args: argparse.Namespace, model_path: str, runner: ModelRunner, ste
     config = runner.model_config
     # Context of the median decode step: the prompt plus half the output.
     context_tokens = args.batch_size * (args.input_len + args.output_len // 2)
-    step_bytes = weight_bytes_per_step(model_path, runner.dtype) + kv_bytes_per_step(
+    step_bytes = weight_bytes_per_step(model_path, runner.dtype, model=runner.model) + kv_bytes_per_step(
         context_tokens, config.num_layers, runner.num_kv_heads, config.head_dim, runner.dtype
     )
     bandwidth = copy_bandwidth(runner.device)

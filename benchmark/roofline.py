@@ -38,8 +38,12 @@ def _llama_family_sizes(model_path: str) -> dict[str, int]:
     return sizes
 
 
-def weight_bytes_per_step(model_path: str, dtype: torch.dtype, tp_size: int = 1) -> int:
-    """Bytes of weights one rank reads per decode step (shapes only; nothing is loaded)."""
+def weight_bytes_per_step(model_path: str, dtype: torch.dtype, tp_size: int = 1, model=None) -> int:
+    """Bytes of weights one rank reads per decode step (shapes only; nothing is
+    loaded). With the loaded `model`: what its linear layers hold, so a
+    quantized layer counts its packed integers and scales."""
+    if model is not None:
+        return loaded_linear_bytes(model)
     try:
         sizes = {name: tensor.numel() for name, tensor in iterate_weights(checkpoint_files(model_path))}
     except FileNotFoundError:
@@ -47,6 +51,22 @@ def weight_bytes_per_step(model_path: str, dtype: torch.dtype, tp_size: int = 1)
     tied = "lm_head.weight" not in sizes
     total = sum(n for name, n in sizes.items() if tied or not name.endswith("embed_tokens.weight"))
     return total * torch.empty(0, dtype=dtype).element_size() // tp_size
+
+
+def loaded_linear_bytes(model) -> int:
+    """Bytes a decode step streams through the model's linear layers (the LM
+    head too): a quantized layer's kernel tensors, else one dense copy."""
+    total = 0
+    for layer in model.modules():
+        if getattr(layer, "linear_method", None) is None:
+            continue
+        kernel = getattr(layer, "quant_kernel", None)
+        if kernel is not None:
+            total += kernel.nbytes
+        else:  # dense (the plain weight may be packed away: its shape is the layer's)
+            rows, cols = (layer.out_features, layer.in_features) if hasattr(layer, "in_features") else layer.weight.shape
+            total += rows * cols * layer.weight.element_size()
+    return total
 
 
 def kv_bytes_per_step(total_context_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int,

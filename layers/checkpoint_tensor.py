@@ -55,7 +55,7 @@ class LazyCheckpointTensor:
         return self._read((slice(None),) * max(self.dim(), 1) if self.dim() else ())
 
     def _read(self, index: tuple) -> torch.Tensor:
-        tensor = self._source[index] if index else self._source[:]
+        tensor = self._source[index] if index else self._source[...]  # [...] also reads a 0-dim tensor
         self._elements_read[0] += tensor.numel()
         return tensor if self._dtype is None else tensor.to(self._dtype)
 

@@ -78,6 +78,10 @@ def _copy_checked(param: torch.Tensor, loaded: Loaded, name: str) -> None:
 
 
 class LinearBase(nn.Module):
+    # Whether this layer holds a slice of the input features (row-parallel):
+    # a quantized format keeps its input groups whole or shards them by this.
+    input_sharded = False
+
     def __init__(
         self,
         in_features: int,
@@ -95,6 +99,42 @@ class LinearBase(nn.Module):
         self.bias = (
             nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         )
+
+    @property
+    def output_shard_sizes(self) -> list[int]:
+        """This rank's output rows of each checkpoint projection fused here."""
+        return [self.out_features]
+
+    def shard_index(self, shard_id) -> int:
+        return 0
+
+    def load_unsplit(self, param: torch.Tensor, loaded: Loaded, shard_id) -> bool:
+        """Tensors the output-splitting loaders must not cut; returns whether
+        `param` is one (and is now loaded):
+
+        - a small per-projection tensor (an FP8 per-tensor scale, a packed
+          weight's recorded shape), tagged `shard_scalar`: each checkpoint
+          projection fused here has its own, kept in row `shard_index` of
+          `param` ([projections, ...]);
+        - on a layer with whole inputs, a tensor indexed by input features
+          alone (GPTQ's `g_idx`): the projections fused here read the same
+          input and carry the same copy, which is checked.
+        """
+        if getattr(param, "shard_scalar", False):
+            value = as_tensor(loaded)
+            if value.numel() != param[0].numel():
+                raise ValueError(f"expected {param[0].numel()} value(s), got a tensor of shape {tuple(value.shape)}")
+            param.data[self.shard_index(shard_id)] = value.reshape(param.shape[1:])
+            return True
+        if self.input_sharded or not hasattr(param, "input_dim") or hasattr(param, "output_dim"):
+            return False
+        value = as_tensor(loaded)
+        seen = self.__dict__.setdefault("_unsplit_loaded", set())
+        if id(param) in seen and not torch.equal(param.data, value.to(param.dtype)):
+            raise ValueError("differs between the projections fused into one layer, which share their input")
+        _copy_checked(param, value, "per-input tensor")
+        seen.add(id(param))
+        return True
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.linear_method.apply(self, x, bias)
@@ -117,7 +157,8 @@ def _narrow_output(layer: LinearBase, param: torch.Tensor, offset: int, size: in
 
 class ReplicatedLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
-        _copy_checked(param, loaded, "replicated linear")
+        if not self.load_unsplit(param, loaded, shard_id):
+            _copy_checked(param, loaded, "replicated linear")
 
 
 class ColumnParallelLinear(LinearBase):
@@ -127,6 +168,8 @@ class ColumnParallelLinear(LinearBase):
                          quant_config, prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
+        if self.load_unsplit(param, loaded, shard_id):
+            return
         dim = _output_dim(param)
         size = param.shape[dim]
         piece = _take_shard(loaded, dim, self.tp.rank, size, size * self.tp.size, "column-parallel linear")
@@ -139,7 +182,16 @@ class MergedColumnParallelLinear(LinearBase):
         self.shard_sizes = [_divide(n, tp.size, "output features") for n in out_sizes]
         super().__init__(in_features, sum(self.shard_sizes), bias, tp, quant_config, prefix)
 
+    @property
+    def output_shard_sizes(self) -> list[int]:
+        return list(self.shard_sizes)
+
+    def shard_index(self, shard_id) -> int:
+        return shard_id
+
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: int) -> None:
+        if self.load_unsplit(param, loaded, shard_id):
+            return
         target = _narrow_output(self, param, sum(self.shard_sizes[:shard_id]), self.shard_sizes[shard_id])
         dim = _output_dim(param)
         size = target.shape[dim]
@@ -174,7 +226,16 @@ class QKVParallelLinear(LinearBase):
         self.kv_size = self.num_kv_heads * head_dim
         super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, tp, quant_config, prefix)
 
+    @property
+    def output_shard_sizes(self) -> list[int]:
+        return [self.q_size, self.kv_size, self.kv_size]
+
+    def shard_index(self, shard_id) -> int:
+        return "qkv".index(shard_id)
+
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: str) -> None:
+        if self.load_unsplit(param, loaded, shard_id):
+            return
         if shard_id == "q":
             offset, size, rank, shards = 0, self.q_size, self.tp.rank, self.tp.size
         else:
@@ -189,12 +250,16 @@ class QKVParallelLinear(LinearBase):
 
 
 class RowParallelLinear(LinearBase):
+    input_sharded = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext,
                  quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__(_divide(in_features, tp.size, "input features"), out_features, bias, tp,
                          quant_config, prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
+        if self.load_unsplit(param, loaded, shard_id):
+            return
         dim = getattr(param, "input_dim", None)
         if dim is None:  # the bias (and any per-output tensor): whole, added once after the reduce
             _copy_checked(param, loaded, "row-parallel bias")

@@ -70,6 +70,8 @@ class SchedulerReady:
     vocab_size: int
     dtype: str
     device: str
+    # the model's quantization (QuantizationConfig.describe) and weight bytes per rank
+    quantization: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -131,6 +131,7 @@ def run_scheduler_process(
                 vocab_size=runner.model_config.vocab_size,
                 dtype=str(runner.dtype).removeprefix("torch."),
                 device=str(runner.device),
+                quantization=runner.quantization_info,
             )
         )
     except BaseException as err:

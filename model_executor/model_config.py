@@ -37,6 +37,9 @@ class ModelRunnerConfig:
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random, from config.json alone
     # Let transformers run code shipped with the checkpoint (auto_map in config.json).
     trust_remote_code: bool = False
+    # None: the checkpoint's quantization_config, if any; else a format name
+    # or on-the-fly int8 / fp8 (layers/quantization/registry.py).
+    quantization: str | None = None
     # CPU bf16 only: pack linear weights into oneDNN's layout (layers/cpu_gemm.py).
     cpu_weight_prepack: bool = True
     # With prepack and the native kernels: a second weight copy for 1-2 row
@@ -107,6 +110,7 @@ class ModelConfig:
     num_attention_heads: int
     num_kv_heads: int
     head_dim: int
+    quantization_config: dict[str, Any] | None = None  # config.json's, as written
 
     @classmethod
     def from_pretrained(
@@ -151,4 +155,5 @@ class ModelConfig:
             num_attention_heads=heads,
             num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
+            quantization_config=raw.get("quantization_config"),
         )

@@ -95,6 +95,9 @@ def load_model(
         finally:
             torch.set_default_dtype(previous)
     if load_format == "dummy":
+        if any(not p.is_floating_point() or p.element_size() == 1 for p in model.parameters()):
+            raise ValueError("random (dummy) weights need a dense model; to benchmark a quantized shape, "
+                             "quantize the dummy weights on the fly (--quantization int8 or fp8)")
         fill_dummy_weights(model, seed)
     else:
         loaded = model.load_weights(iterate_weights(files))
@@ -115,3 +118,29 @@ def process_weights_after_loading(model: nn.Module) -> None:
         method = getattr(module, "linear_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+
+
+def _bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def weight_memory(model: nn.Module) -> tuple[int, int]:
+    """(bytes the weights hold now, bytes they would hold dense in the model's
+    dtype): what quantization saved. A packed dense layer counts its packed
+    copies (the streaming copy doubles it: layers/cpu_gemm.py)."""
+    params = {id(p): p for p in model.parameters()}  # each tensor once (a tied head is the embedding's)
+    actual = sum(_bytes(p) for p in params.values())
+    dense = actual
+    for layer in model.modules():
+        if getattr(layer, "linear_method", None) is None:
+            continue
+        weight = getattr(layer, "weight", None)
+        kernel, packed = getattr(layer, "quant_kernel", None), getattr(layer, "packed_weight", None)
+        if kernel is not None:
+            actual += kernel.nbytes
+            dense += layer.in_features * layer.out_features * torch.empty(0, dtype=layer.compute_dtype).element_size()
+        elif packed is not None:
+            actual += _bytes(packed.onednn) + _bytes(packed.streaming)
+            if weight is not None and weight.numel() == 0:  # packed away: dense it was the plain weight
+                dense += _bytes(packed.onednn)
+    return actual, dense

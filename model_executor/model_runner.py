@@ -16,14 +16,15 @@ from layers.attention.registry import backend_spec, create_attention_backend
 from layers.cpu_gemm import prepack_supported
 from layers.linear import TPContext
 from layers.logits_processor import LogitsProcessorOutput
-from layers.quantization import CpuPackOptions, DenseConfig, QuantizationConfig
+from layers.quantization import CpuPackOptions, QuantizationConfig
+from layers.quantization.registry import resolve_quantization
 from layers.sampler import Sampler
 from mem_cache.allocator import TokenToKVPoolAllocator
 from mem_cache.memory_pool import KVPool, ReqToTokenPool
 from model_executor.distributed import TPGroup
 from model_executor.forward_batch import ForwardBatch
 from model_executor.model_config import ModelConfig, ModelRunnerConfig
-from model_executor.model_loader import load_model
+from model_executor.model_loader import load_model, weight_memory
 from sampling.row_state import SamplingRows
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,14 @@ class ModelRunner:
         )
         self.dtype = self.model_config.dtype
         self.tp = tp_group.tp_context() if tp_group is not None else TPContext()
+        quant_config = self._quant_config(config)
         self.model = load_model(self.model_config, self.device, self.tp, config.load_format, config.random_seed,
-                                self._quant_config(config))
+                                quant_config)
+        weight_bytes, dense_bytes = weight_memory(self.model)
+        self.quantization_info = {**quant_config.describe(), "weight_bytes": weight_bytes}
+        if config.tp_rank == 0:
+            logger.info("weights: %.1f MiB per rank (%.1f MiB dense in %s; quantization: %s)",
+                        weight_bytes / 2**20, dense_bytes / 2**20, self.dtype, quant_config.name)
         self.sampler = Sampler()
 
         self.num_kv_heads = max(1, self.model_config.num_kv_heads // self.tp.size)
@@ -110,12 +117,13 @@ class ModelRunner:
         )
 
     def _quant_config(self, config: ModelRunnerConfig) -> QuantizationConfig:
-        """Dense for now (quantized checkpoints come with issue 15); on CPU bf16
-        every linear packs its weight for the CPU kernels (layers/cpu_gemm.py)."""
+        """The checkpoint's quantization or --quantization (layers/quantization/
+        registry.py); on CPU bf16 every dense linear packs its weight for the
+        CPU kernels (layers/cpu_gemm.py)."""
         pack = None
         if config.cpu_weight_prepack and prepack_supported(self.device, self.dtype):
             pack = CpuPackOptions(min(config.max_running_requests, 16), config.cpu_small_batch_gemv)
-        return DenseConfig(cpu_pack=pack)
+        return resolve_quantization(self.model_config.quantization_config, config.quantization, pack)
 
     def _use_unfused_ops(self) -> None:
         """The torch ops instead of the fused native CPU kernels (an A/B switch)."""

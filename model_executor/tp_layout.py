@@ -31,6 +31,50 @@ def tp_layout_errors(config: Mapping[str, Any], tp_size: int) -> list[str]:
         )
     if intermediate % tp_size:
         errors.append(f"the MLP intermediate size {intermediate} does not divide evenly over tp_size {tp_size}")
+    errors += _quantization_errors(config, tp_size)
+    return errors
+
+
+def _group_sizes(quant: Mapping[str, Any]) -> list[int]:
+    """The input group sizes a quantized checkpoint's row-parallel layers must keep whole."""
+    method = quant.get("quant_method")
+    if method in ("gptq", "awq"):
+        size = int(quant.get("group_size", quant.get("q_group_size", 128)))
+        act_order = method == "gptq" and quant.get("desc_act", False)
+        return [] if size == -1 or act_order else [size]
+    if method == "compressed-tensors":
+        weights = [g.get("weights") or {} for g in (quant.get("config_groups") or {}).values()]
+        sizes = [int(w["group_size"]) for w in weights if w.get("strategy") == "group" and w.get("group_size")]
+        blocks = [int(w["block_structure"][1]) for w in weights if w.get("block_structure")]
+        return sizes + blocks
+    if method == "fp8" and quant.get("weight_block_size"):
+        return [int(quant["weight_block_size"][1])]
+    return []
+
+
+def _quantization_errors(config: Mapping[str, Any], tp_size: int) -> list[str]:
+    quant = config.get("quantization_config")
+    if not quant:
+        return []
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    # Inputs of the row-parallel layers per rank: o_proj and down_proj.
+    row_inputs = {"o_proj": heads * head_dim // tp_size, "down_proj": config["intermediate_size"] // tp_size}
+    errors = []
+    for group in sorted(set(_group_sizes(quant))):
+        for layer, size in row_inputs.items():
+            if size % group:
+                errors.append(f"tp_size {tp_size} splits the quantization groups of {group} input features "
+                              f"({layer} gets {size} per rank)")
+    block = quant.get("weight_block_size") if quant.get("quant_method") == "fp8" else None
+    if block:
+        kv_heads = config.get("num_key_value_heads") or heads
+        outputs = {"q_proj": heads * head_dim // tp_size, "k/v_proj": max(1, kv_heads // tp_size) * head_dim,
+                   "gate/up_proj": config["intermediate_size"] // tp_size}
+        for layer, size in outputs.items():
+            if size % int(block[0]):
+                errors.append(f"tp_size {tp_size} splits the FP8 blocks of {block[0]} output features "
+                              f"({layer} gets {size} per rank)")
     return errors
 
 

@@ -70,6 +70,7 @@ def register_info_routes(app: FastAPI, server_args: ServerArgs, children: ChildP
             "context_length": ready.context_len,
             "vocab_size": ready.vocab_size,
             "is_generation": True,
+            **ready.quantization,
             **identity,
         }
 

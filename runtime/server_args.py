@@ -64,6 +64,13 @@ class ServerArgs:
         "(benchmarks of a model shape without its weights).",
         ("auto", "dummy"),
     )
+    quantization: str | None = _arg(
+        None,
+        "Quantized weights: default, the checkpoint's own quantization_config (fp8, gptq, awq, "
+        "compressed-tensors; naming it again is allowed, naming another is an error); on a dense "
+        "checkpoint, int8 or fp8 quantizes the weights while loading (one scale per output row).",
+        ("awq", "compressed-tensors", "fp8", "gptq", "int8"),
+    )
     skip_tokenizer_init: bool = _arg(False, "Do not load a tokenizer; requests pass token ids.")
     served_model_name: str | None = _arg(
         None, "Model name reported by the API; default: --model-path."
@@ -326,6 +333,7 @@ class ServerArgs:
             random_seed=self.random_seed,
             load_format=self.load_format,
             trust_remote_code=self.trust_remote_code,
+            quantization=self.quantization,
         )
 
     def scheduler_config(self) -> SchedulerConfig:

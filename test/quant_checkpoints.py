@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save_file
 FORMATS = ("fp8_tensor", "fp8_block", "gptq", "awq", "ct_w4a16", "ct_w8a16", "ct_w8a8_int", "ct_fp8")
 
 # Bump whenever the bytes a spec produces change (invalidates quantized_demo_model's cache).
-WRITER_VERSION = 1
+WRITER_VERSION = 2
 # The compressed-tensors release whose writer conventions this module follows.
 CT_VERSION = "0.20.1"
 # AutoAWQ's packing order: nibble i of a packed word holds output column 8c + AWQ_ORDER[i].

@@ -18,6 +18,12 @@ torch::Tensor qk_norm_rope_store(const torch::Tensor& qkv, const c10::optional<t
                                  torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
                                  int64_t num_heads, int64_t num_kv_heads);
 torch::Tensor silu_and_mul_bf16(const torch::Tensor& x);
+bool int_gemm_supported();
+bool int_gemm_amx_supported();
+torch::Tensor pack_int_weight(const torch::Tensor& q, const torch::Tensor& scale,
+                              const c10::optional<torch::Tensor>& offset, int64_t group_size, int64_t bits);
+torch::Tensor int_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
+                         int64_t out_features, int64_t group_size, int64_t bits, bool has_offset, int64_t amx_min_rows);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention,
@@ -36,4 +42,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("cos"), pybind11::arg("signed_sin"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
         pybind11::arg("slots"), pybind11::arg("num_heads"), pybind11::arg("num_kv_heads"));
   m.def("silu_and_mul_bf16", &silu_and_mul_bf16, "[T, 2d] = [gate | up] bf16 -> silu(gate) * up, [T, d]");
+  m.def("int_gemm_supported", &int_gemm_supported, "whether int_linear was built (AVX-512)");
+  m.def("int_gemm_amx_supported", &int_gemm_amx_supported, "whether int_linear can use AMX tiles here");
+  m.def("pack_int_weight", &pack_int_weight,
+        "q [N, K] int8, scale / offset [N, K / G] fp32 -> the layout int_linear reads (uint8)",
+        pybind11::arg("q"), pybind11::arg("scale"), pybind11::arg("offset"), pybind11::arg("group_size"),
+        pybind11::arg("bits"));
+  m.def("int_linear", &int_linear,
+        "x [M, K] bf16 / fp32 times a packed int8 / int4 weight (+ bias) -> [M, N] in x's dtype; "
+        "bf16 x of at least amx_min_rows rows (0: never) on AMX tiles",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("out_features"),
+        pybind11::arg("group_size"), pybind11::arg("bits"), pybind11::arg("has_offset"),
+        pybind11::arg("amx_min_rows"));
 }

@@ -1,4 +1,5 @@
-"""Linear methods and the configs that choose them (see base.py for the seam)."""
+"""Linear methods and the configs that choose them (base.py: the seam;
+registry.py: which config a checkpoint loads with)."""
 
 from layers.quantization.base import LinearMethod, QuantizationConfig, set_weight_attrs
 from layers.quantization.dense import CpuPackedLinearMethod, CpuPackOptions, DenseConfig, DenseLinearMethod

@@ -47,9 +47,13 @@ class LinearMethod(ABC):
 
 
 class QuantizationConfig(ABC):
-    """Picks each linear layer's method; one instance per loaded model."""
+    """Picks each linear layer's method; one instance per loaded model.
+
+    `cpu_pack` (set by the model runner for CPU bf16) asks for weights
+    packed for the CPU kernels wherever a layer stays dense."""
 
     name: str
+    cpu_pack: Any = None  # layers.quantization.dense.CpuPackOptions | None
 
     @abstractmethod
     def linear_method(self, prefix: str) -> LinearMethod: ...
@@ -57,6 +61,10 @@ class QuantizationConfig(ABC):
     def unquantized_method(self) -> LinearMethod:
         """For layers every format keeps dense (the LM head, whose weight may
         be the embedding's) and those the config leaves out."""
-        from layers.quantization.dense import DenseLinearMethod
+        from layers.quantization.dense import CpuPackedLinearMethod, DenseLinearMethod
 
-        return DenseLinearMethod()
+        return DenseLinearMethod() if self.cpu_pack is None else CpuPackedLinearMethod(self.cpu_pack)
+
+    def describe(self) -> dict[str, Any]:
+        """What /model_info reports about the quantization."""
+        return {"quantization": self.name}

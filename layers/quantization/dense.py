@@ -58,5 +58,5 @@ class DenseConfig(QuantizationConfig):
     def linear_method(self, prefix: str) -> LinearMethod:
         return self.unquantized_method()
 
-    def unquantized_method(self) -> LinearMethod:
-        return DenseLinearMethod() if self.cpu_pack is None else CpuPackedLinearMethod(self.cpu_pack)
+    def describe(self) -> dict:
+        return {"quantization": None}

@@ -43,7 +43,7 @@ def test_checkpoint_config_picks_the_format():
 @pytest.mark.parametrize("checkpoint, requested, fragments", [
     (GPTQ, "awq", ["--quantization awq", "quant_method gptq"]),
     (GPTQ, "int8", ["--quantization int8", "quant_method gptq"]),
-    (None, "gptq", ["needs a gptq checkpoint", "no quantization_config"]),
+    (None, "gptq", ["needs a checkpoint quantized as gptq", "no quantization_config"]),
     (None, "int3", ["not supported", "int8"]),
     ({"quant_method": "bitsandbytes"}, None, ["bitsandbytes", "supported"]),
     ({**GPTQ, "bits": 3}, None, ["3 bits"]),

@@ -200,3 +200,38 @@ def test_tp_size_that_splits_fp8_blocks_is_refused_before_start(tmp_path_factory
     qdir, _ = quantized(tmp_path_factory, QuantSpec("fp8_block", block=(64, 64)))
     with pytest.raises(ValueError, match="splits the FP8 blocks of 64 output features"):
         Engine(model_path=str(qdir), dtype="float32", max_total_tokens=2048, tp_size=2)
+
+
+# ---- the server ------------------------------------------------------------
+
+
+def test_server_serves_a_gptq_checkpoint_and_reports_it(tmp_path_factory, tmp_path):
+    import requests
+
+    from server_helpers import start_server
+
+    qdir, _ = quantized(tmp_path_factory, QuantSpec("gptq", bits=4, group_size=64))
+    server = start_server(qdir, tmp_path, "--quantization", "gptq")
+    try:
+        info = requests.get(server.url + "/get_model_info", timeout=10).json()
+        assert info["quantization"] == "gptq" and info["bits"] == 4 and info["weight_bytes"] > 0
+        out = requests.post(server.url + "/generate", json={
+            "input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True},
+        }, timeout=60).json()
+        assert len(out["output_ids"]) == 4
+    finally:
+        server.stop()
+
+
+def test_server_refuses_a_format_the_checkpoint_is_not_in(tmp_path):
+    import subprocess
+    import sys
+
+    from server_helpers import free_port
+
+    path = str(demo_model_path("qwen3", "tiny"))
+    result = subprocess.run([sys.executable, "-m", "runtime.launch_server", "--model-path", path,
+                             "--quantization", "awq", "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--quantization awq needs a checkpoint quantized as awq" in result.stderr, result.stderr[-2000:]

@@ -25,9 +25,11 @@
 // Register tiles of 6 rows x 4 blocks, threads own 64-output panels, K chunks
 // when there are more rows than a tile, as in gemm.cpp. (vdpbf16ps on bf16
 // pairs was tried for int4 x bf16: it retires one per 2 cycles here against
-// two FMAs per cycle, and was slower.) Measured on the small demo model's
-// shapes (2 cores, Xeon with AMX): at one row int8 is 1.5-1.9x and int4 about
-// 2.5-3x faster than the bf16 streaming kernel; see cpu_int_gemm.py.
+// two FMAs per cycle, and was slower.) On the small demo model's shapes (2
+// cores, Xeon with AMX), one row, weights streamed from memory: int8 1.6-1.8x
+// and int4 2.4-2.7x faster than the bf16 streaming kernel. int4 is bound by
+// the ~3 instructions per 16 weights, not by memory (table in
+// cpu_int_gemm.py).
 //
 // Many rows of bf16 x (the caller sets the threshold; AMX CPUs): each
 // thread dequantizes a panel of 2 blocks into bf16 B tiles for all of K once
@@ -486,6 +488,7 @@ torch::Tensor int_linear(const torch::Tensor& x, const torch::Tensor& packed, co
                    amx_permitted();
 #else
   const bool amx = false;
+  (void)amx_min_rows;
 #endif
   // The FMA kernel takes x widened to fp32 once (each value is broadcast once
   // per output block); AMX takes the bf16 rows as they are.

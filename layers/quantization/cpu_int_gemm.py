@@ -14,24 +14,40 @@ the fly) is first converted to one canonical form: `q` [N, K] int8 (bits 4:
 (RADIXSERVE_NO_NATIVE_KERNELS=1, no compiler, no AVX-512): the caller then
 dequantizes to a dense weight.
 
-Which kernel runs is the row count's choice (microseconds per call, 2 cores,
-Xeon with AMX, weights hot in cache, group size 128 with offsets, 2026-12):
+Which kernel runs is the row count's choice. Measured on the small demo
+model's shapes (2 cores, Xeon with AMX, bf16 x, 2026-12), microseconds per
+call with the weights streamed from memory (rotating over 400 MB of copies);
+int8 per channel without offsets, int4 in groups of 128 with offsets:
 
-- up to 6 rows, and any fp32 x: the FMA kernel. It streams the packed weight
-  once; at one row int8 is 1.5-1.9x and int4 2.5-3x faster than the bf16
-  streaming kernel (gemm.cpp), e.g. [4096, 768]: bf16 128, int8 83, int4 64;
-  its cost grows by about a 6-row tile's FMAs per 6 rows.
-- from 7 rows of bf16 x, where the CPU has AMX: the tile kernel, which
+    [N, K]        rows  bf16 streaming  oneDNN bf16  int8  int4
+    [1536, 768]     1        89            120         49    37
+                    4        94            121         61    57
+                   32       325            140        129   116
+    [4096, 768]     1       225            290        126    89
+                    4       238            279        150   144
+                   32       849            357        357   318
+    [32000, 768]    1      1634           1801        917   654
+                    4      1778           1879       1158  1093
+                   32      7037           2300       2920  2613
+
+- up to 6 rows, and any fp32 x: the FMA kernel, which streams the packed
+  weight once (int4 is bound by its instructions, not by memory).
+- from AMX_MIN_ROWS of bf16 x, where the CPU has AMX: the tile kernel, which
   dequantizes the weight to bf16 once per call and is nearly flat in the row
-  count ([4096, 768], int4: FMA 152 at 6 rows, 217 at 8; tiles 176, 182; int8
-  alike). At 32 rows it is about level with oneDNN's bf16 AMX GEMM on a
-  prepacked bf16 weight, and it reads a weight 2-4x smaller.
+  count. The two tie at 6-7 rows and tiles win from 8 on every demo-model
+  shape ([4096, 768] int4, 6 / 7 / 8 rows: FMA 142 / 178 / 207, tiles 150 /
+  149 / 156). With the weights hot in cache oneDNN's bf16 GEMM is 1.2-1.4x
+  faster at 32 rows; with the weights streamed from memory int4 is faster
+  than it on all but the lm-head-sized layer.
 
-So no dequantized bf16 copy is kept, nor made per call for oneDNN: with a
-bf16 chunk dequantized per call, oneDNN on an unpacked weight lost to both
-kernels up to 256 rows and to the tile kernel at 512 as well. Without AMX
-(oneDNN limited to AVX512-BF16 to stand in for such CPUs) the FMA kernel
-beat oneDNN's bf16 GEMM at every row count measured (8-512).
+No dequantized bf16 copy is kept, nor made per call for oneDNN: the weight
+dequantized per call and multiplied by oneDNN lost to the FMA kernel up to 32
+rows and to the tile kernel from 32 to 512 rows (by 1.1-3.5x), and even
+oneDNN on a prepacked bf16 weight, which no dequantize-per-call path can
+beat, was within 25% of the tile kernel from 32 to 512 rows (int4, hot).
+Without AMX (oneDNN limited to AVX512-BF16 to stand in for such CPUs) the FMA
+kernel beat oneDNN's bf16 GEMM at 8 to 512 rows, so it runs at every row
+count there.
 """
 
 from __future__ import annotations
@@ -43,8 +59,7 @@ import torch
 from layers.cpu_kernels import native_ops
 
 # Rows of bf16 x from which the AMX tile kernel takes over (where the CPU has
-# it): the FMA kernel wins up to 6, the two tie around 6-7, tiles win from 8
-# on every demo-model shape (see above).
+# it): the FMA kernel wins up to 6 rows, tiles from 7-8 (see above).
 AMX_MIN_ROWS = 7
 
 

@@ -29,6 +29,9 @@ from layers.quantization.canonical import Canonical, Fp8Weight, IntWeight
 from layers.quantization.dense import CpuPackOptions
 
 
+CUDA_INT_MM_MIN_ROWS = 16
+
+
 class QuantKernel(Protocol):
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
@@ -126,7 +129,10 @@ class Int8ActivationKernel:
         else:
             x_scale = self.input_scale.reshape(1, 1)
         xq = torch.round(x32 / x_scale).clamp(-128, 127).to(torch.int8)
-        acc = torch._int_mm(xq, self.q_t)
+        rows_in = xq.shape[0]
+        if xq.is_cuda and rows_in <= CUDA_INT_MM_MIN_ROWS:  # cuBLAS int8 GEMM wants more than 16 rows
+            xq = F.pad(xq, (0, 0, 0, CUDA_INT_MM_MIN_ROWS + 1 - rows_in))
+        acc = torch._int_mm(xq, self.q_t)[:rows_in]
         out = acc.float() * x_scale * self.scale
         if bias is not None:
             out += bias.float()

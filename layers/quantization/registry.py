@@ -48,7 +48,7 @@ def resolve_quantization(checkpoint_config: dict[str, Any] | None, requested: st
             return DenseConfig(cpu_pack=cpu_pack)
         if requested in ONLINE_KINDS:
             return OnlineQuantConfig(requested, cpu_pack)
-        raise ValueError(f"--quantization {requested} needs a {requested} checkpoint, and this checkpoint's "
+        raise ValueError(f"--quantization {requested} needs a checkpoint quantized as {requested}, and this checkpoint's "
                          "config.json has no quantization_config (on-the-fly: --quantization int8 or fp8)")
     method = _canonical_name(str(checkpoint_config.get("quant_method", "")))
     if method not in CHECKPOINT_FORMATS:

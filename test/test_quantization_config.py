@@ -155,3 +155,12 @@ def test_tp_layout_refuses_splitting_a_group():
     config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     errors = tp_layout_errors(config, 2)
     assert any("FP8 blocks of 128 output features" in e for e in errors), errors
+
+
+def test_a_cuda_kernel_that_cannot_take_the_groups_fails_at_start_up():
+    from layers.quantization.kernels import build_kernel
+
+    weight = IntWeight(torch.zeros(32, 48, dtype=torch.int8), torch.ones(32, 2), None, 24, 4)
+    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj: the CUDA int4 kernel needs groups of a "
+                                         "multiple of 32 input features; this layer's are 24"):
+        build_kernel(weight, torch.bfloat16, torch.device("cuda"), None, layer="model.layers.0.mlp.down_proj")

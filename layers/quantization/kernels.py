@@ -170,6 +170,12 @@ class Fp8ScaledMMKernel:
         return _tensor_bytes(self.q_t, self.scale)
 
 
+def triton_group_depth(kind: str) -> int:
+    """The Triton dequant-GEMM's groups must be a multiple of this (tl.dot's
+    minimum depth; int4 splits each tile into even and odd inputs)."""
+    return 32 if kind == "int4" else 16
+
+
 def _scaled_mm_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
@@ -190,6 +196,13 @@ def build_kernel(weight: Canonical, dtype: torch.dtype, device: torch.device,
         return _cpu_int_kernel(weight, dtype, cpu_pack)
     if device.type != "cuda":
         raise ValueError(f"{layer}: quantized weights run on cpu and cuda devices, not {device.type}")
+    kind = "fp8" if isinstance(weight, Fp8Weight) else f"int{weight.bits}"
+    depth = triton_group_depth(kind)
+    if weight.group_size % depth and not (isinstance(weight, Fp8Weight) and weight.per_row
+                                          and _scaled_mm_supported(device)):
+        # Found now, at start-up, not at the first request.
+        raise ValueError(f"{layer}: the CUDA {kind} kernel needs groups of a multiple of {depth} input "
+                         f"features; this layer's are {weight.group_size}")
     if isinstance(weight, Fp8Weight):
         if weight.per_row and _scaled_mm_supported(device):
             static = input_scale if input_scale is not None else weight.input_scale

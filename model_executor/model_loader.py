@@ -15,6 +15,7 @@ from torch import nn
 from layers.checkpoint_tensor import LazyCheckpointTensor
 from layers.linear import TPContext
 from layers.quantization import QuantizationConfig
+from layers.quantization.quantized_method import QuantizedLinearMethod
 from model_executor.model_config import ModelConfig
 from model_executor.models.registry import get_model_class
 
@@ -61,11 +62,22 @@ LOAD_FORMATS = ("auto", "dummy")
 def fill_dummy_weights(model: nn.Module, seed: int) -> None:
     """Random weights of sensible scale, so activations stay finite through
     many layers: norms 1, vectors 0, matrices N(0, 1/fan_in) (embeddings and
-    the LM head N(0, 1/hidden), giving unit-scale logits)."""
+    the LM head N(0, 1/hidden), giving unit-scale logits). Quantized layers
+    get random integers / FP8 values in their format's groups, scaled alike,
+    so a quantized model's shape benchmarks without its checkpoint."""
     # Drawn on the model's own device: an 8B model's weights in seconds on a
     # GPU, and no host copy of them.
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    random_layers = set()
+    for module in model.modules():  # quantized layers: random values of their format's shape
+        method = getattr(module, "linear_method", None)
+        if isinstance(method, QuantizedLinearMethod) and method.random_form(module) is not None:
+            method.use_random_weights(module, generator)
+            bias = getattr(module, "bias", None)
+            random_layers.update(id(p) for p in module.parameters(recurse=False) if p is not bias)
     for name, param in model.named_parameters():
+        if id(param) in random_layers:  # the checkpoint form, which the random weight replaces
+            continue
         if param.dim() < 2:
             param.data.fill_(1.0 if "norm" in name else 0.0)
         else:
@@ -95,9 +107,6 @@ def load_model(
         finally:
             torch.set_default_dtype(previous)
     if load_format == "dummy":
-        if any(not p.is_floating_point() or p.element_size() == 1 for p in model.parameters()):
-            raise ValueError("random (dummy) weights need a dense model; to benchmark a quantized shape, "
-                             "quantize the dummy weights on the fly (--quantization int8 or fp8)")
         fill_dummy_weights(model, seed)
     else:
         loaded = model.load_weights(iterate_weights(files))

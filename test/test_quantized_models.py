@@ -235,3 +235,34 @@ def test_server_refuses_a_format_the_checkpoint_is_not_in(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "--quantization awq needs a checkpoint quantized as awq" in result.stderr, result.stderr[-2000:]
+
+
+DUMMY_CONFIGS = {
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": False, "sym": True},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"},
+    "fp8-block": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [64, 64]},
+    "ct-w8a8": {"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
+        "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}}}},
+}
+
+
+@pytest.mark.parametrize("name", list(DUMMY_CONFIGS))
+def test_dummy_weights_of_a_quantized_shape_run(tmp_path, name):
+    """--load-format dummy with a quantization_config: config.json alone
+    benchmarks a quantized model's shape (random values in its format)."""
+    import shutil
+
+    src = demo_model_path("qwen3", "tiny")
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = DUMMY_CONFIGS[name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    runner = make_runner(tmp_path, dtype="bfloat16", load_format="dummy")
+    assert runner.quantization_info["quantization"] == DUMMY_CONFIGS[name]["quant_method"]
+    batch = BatchRunner(runner)
+    seq = batch.add_sequence()
+    out, _ = batch.extend([seq], [[5, 9, 300, 12]])
+    logits = out.next_token_logits.float()
+    assert torch.isfinite(logits).all() and 0.1 < logits.std().item() < 100
+    batch.release_all()

@@ -81,6 +81,9 @@ class AWQLinearMethod(QuantizedLinearMethod):
         add_param(layer, "qzeros", (groups, out_features // PER_WORD), torch.int32, output_dim=1, input_dim=0)
         add_param(layer, "scales", (groups, out_features), torch.float32, output_dim=1, input_dim=0)
 
+    def random_form(self, layer: nn.Module) -> tuple[str, int, int]:
+        return "int", BITS, self.config.group_size
+
     def canonical(self, layer: nn.Module) -> Canonical:
         q = unpack_int32(layer.qweight.data, BITS, dim=1, order=AWQ_SLOTS).t()  # [N, K]
         zeros = unpack_int32(layer.qzeros.data, BITS, dim=1, order=AWQ_SLOTS).t()  # [N, groups]

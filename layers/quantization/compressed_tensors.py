@@ -196,6 +196,13 @@ class CompressedTensorsLinearMethod(QuantizedLinearMethod):
             add_param(layer, "weight_g_idx", (in_features,), torch.int32, input_dim=0)
         layer.ct_group_size = group
 
+    def random_form(self, layer: nn.Module) -> tuple[str, int, int]:
+        s = self.scheme
+        if s.fmt in PACKED_FORMATS:
+            return "int", s.bits, min(layer.ct_group_size, layer.in_features)
+        group = s.block[1] if s.strategy == "block" else layer.in_features
+        return ("int" if s.weight_type == "int" else "fp8"), 8, group
+
     def canonical(self, layer: nn.Module) -> Canonical:
         s = self.scheme
         if s.fmt in PACKED_FORMATS:

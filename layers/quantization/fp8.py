@@ -94,6 +94,10 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         if self.config.activation_scheme == "static":
             per_shard_scalar(layer, "input_scale")
 
+    def random_form(self, layer: nn.Module) -> tuple[str, int, int]:
+        block = self.config.weight_block_size
+        return "fp8", 8, layer.in_features if block is None else block[1]
+
     def canonical(self, layer: nn.Module) -> Canonical:
         weight = layer.weight.data
         n, k = weight.shape

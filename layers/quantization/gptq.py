@@ -93,6 +93,9 @@ class GPTQLinearMethod(QuantizedLinearMethod):
         layer.gptq_group_size = group
         layer.gptq_bits = bits
 
+    def random_form(self, layer: nn.Module) -> tuple[str, int, int]:
+        return "int", layer.gptq_bits, min(layer.gptq_group_size, layer.in_features)
+
     def canonical(self, layer: nn.Module) -> Canonical:
         bits = layer.gptq_bits
         q = unpack_int32(layer.qweight.data, bits, dim=0).t()  # [N, K], 0 .. 2^bits - 1

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from layers.quantization.base import LinearMethod, set_weight_attrs
-from layers.quantization.canonical import Canonical
+from layers.quantization.canonical import Canonical, Fp8Weight, IntWeight
 from layers.quantization.kernels import build_kernel
 
 # Our fused layers and the checkpoint projections they hold, for configs that
@@ -106,11 +106,34 @@ class QuantizedLinearMethod(LinearMethod):
     def input_scale(self, layer: nn.Module) -> torch.Tensor | None:
         return None
 
+    def random_form(self, layer: nn.Module) -> tuple[str, int, int] | None:
+        """("int" | "fp8", bits, group size) of this layer's weight, for random
+        (`--load-format dummy`) weights of the format's shape; None when the
+        layer's own tensors are dense and are filled like any other."""
+        return None
+
+    def use_random_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
+        """Replace what loading would give with random values of the format's
+        shape and scale (unit-scale outputs), as dummy dense weights do."""
+        kind, bits, group = self.random_form(layer)
+        n, k = layer.out_features, layer.in_features
+        device = generator.device
+        groups = (n, k // group)
+        if kind == "fp8":
+            q = torch.randn(n, k, generator=generator, device=device).to(torch.float8_e4m3fn)
+            layer.random_weight = Fp8Weight(q, torch.full(groups, k**-0.5, device=device), group)
+            return
+        half = 1 << (bits - 1)
+        q = torch.randint(-half, half, (n, k), generator=generator, device=device, dtype=torch.int8)
+        spread = 2 * half / 12**0.5  # the std of those integers
+        layer.random_weight = IntWeight(q, torch.full(groups, 1 / (spread * k**0.5), device=device), None, group, bits)
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         first = next(p for p in layer.parameters(recurse=False) if p is not getattr(layer, "bias", None))
         device = first.device
         dtype = layer.compute_dtype
-        weight = self.canonical(layer)
+        weight = getattr(layer, "random_weight", None) or self.canonical(layer)
+        layer.random_weight = None
         input_scale = self.input_scale(layer)
         for name in [n for n, _ in layer.named_parameters(recurse=False) if n != "bias"]:
             delattr(layer, name)  # the checkpoint form is not needed any more

@@ -164,3 +164,14 @@ def test_a_cuda_kernel_that_cannot_take_the_groups_fails_at_start_up():
     with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj: the CUDA int4 kernel needs groups of a "
                                          "multiple of 32 input features; this layer's are 24"):
         build_kernel(weight, torch.bfloat16, torch.device("cuda"), None, layer="model.layers.0.mlp.down_proj")
+
+
+@pytest.mark.parametrize("bits, packed_dim", [(4, 1), (8, 1), (4, 0)])
+def test_our_unpacking_reads_compressed_tensors_packing(bits, packed_dim):
+    """Our reader against the library that writes pack-quantized checkpoints:
+    weights packed along the input dim (1), zero points along the output dim (0)."""
+    compressors = pytest.importorskip("compressed_tensors.compressors")
+    half = 1 << (bits - 1)
+    signed = torch.randint(-half, half, (16, 64), generator=torch.Generator().manual_seed(bits))
+    packed = compressors.pack_to_int32(signed.to(torch.int8), bits, packed_dim=packed_dim)
+    assert torch.equal(unpack_int32(packed, bits, dim=packed_dim) - half, signed.int())

@@ -22,6 +22,8 @@
 #include <cstring>
 #include <vector>
 
+#include "numerics.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define RADIXSERVE_GEMM 1
 #include <immintrin.h>
@@ -82,12 +84,7 @@ inline void tile(const float* __restrict x, int64_t x_stride, const uint16_t* __
     const __mmask16 lanes = valid == kBlock ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + n) : _mm512_setzero_ps();
     for (int i = 0; i < MR; ++i) {
-      // Round to nearest even, as a bf16 cast does (inputs here are finite).
-      const __m512i bits = _mm512_castps_si512(_mm512_add_ps(acc[i][j], b));
-      const __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-                                                _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
-      const __m256i out = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, rounding), 16));
-      _mm256_mask_storeu_epi16(y + i * y_stride + n, lanes, out);
+      _mm256_mask_storeu_epi16(y + i * y_stride + n, lanes, radixserve::narrow_x16(_mm512_add_ps(acc[i][j], b)));
     }
   }
 }

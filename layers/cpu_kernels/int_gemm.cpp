@@ -191,12 +191,7 @@ void store_panel(const float* tot, int64_t tot_stride, int64_t m, int nr, int64_
       if (out_fp32) {
         _mm512_mask_storeu_ps(static_cast<float*>(y) + i * n_total + n, lanes, v);
       } else {
-        // Round to nearest even, as a bf16 cast does (inputs here are finite).
-        const __m512i bits = _mm512_castps_si512(v);
-        const __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-                                                  _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
-        const __m256i out = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, rounding), 16));
-        _mm256_mask_storeu_epi16(static_cast<at::BFloat16*>(y) + i * n_total + n, lanes, out);
+        _mm256_mask_storeu_epi16(static_cast<at::BFloat16*>(y) + i * n_total + n, lanes, radixserve::narrow_x16(v));
       }
     }
   }

@@ -374,7 +374,7 @@ async def resolve_server(session: aiohttp.ClientSession, args: argparse.Namespac
     if args.tokenizer is None:
         info = await _get_json(session, args.base_url + "/get_model_info")
         args.tokenizer = info.get("tokenizer_path") or info["model_path"]
-    return AutoTokenizer.from_pretrained(args.tokenizer)
+    return AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
 
 
 async def run_benchmark(args: argparse.Namespace) -> dict:
@@ -431,6 +431,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backend", choices=list(BACKENDS), default="native")
     p.add_argument("--model", default=None, help="default: the first of the server's /v1/models")
     p.add_argument("--tokenizer", default=None, help="default: the server's tokenizer_path")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the tokenizer run code shipped with it (as the server's flag)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--dataset", choices=list(DATASETS), default="random")
     p.add_argument("--dataset-path", default=None, help="ShareGPT JSON file")

@@ -12,8 +12,8 @@ know only these:
   (GPTQ's act-order), so a kernel multiplies x[:, perm];
 - `Fp8Weight`: e4m3 values with per-group scales (per-tensor and per-channel
   are groups of the whole input dim, block-wise scales are repeated along
-  the output rows of their block), and the activation scale of a static
-  checkpoint;
+  the output rows of their block); a static checkpoint's activation scale
+  goes to the kernel beside it (`QuantizedLinearMethod.input_scale`);
 - a plain float tensor, for what is kept dense.
 """
 
@@ -62,7 +62,6 @@ class Fp8Weight:
     q: torch.Tensor  # float8_e4m3fn [N, K]
     scale: torch.Tensor  # fp32 [N, K // group_size]
     group_size: int
-    input_scale: torch.Tensor | None = None  # fp32 scalar: static activation scale; None: dynamic
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale.repeat_interleave(self.group_size, dim=1)

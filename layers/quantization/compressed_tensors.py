@@ -18,7 +18,6 @@ of the activations. FP8 activations are quantized only where FP8 runs natively
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,14 +26,15 @@ from torch import nn
 
 from layers.quantization.base import LinearMethod, QuantizationConfig
 from layers.quantization.canonical import Canonical, Fp8Weight, IntWeight, regroup_by_index, scales_per_row, unpack_int32
-from layers.quantization.fp8 import expand_block_scales
+from layers.quantization.fp8 import add_block_scales, expand_block_scales
 from layers.quantization.quantized_method import (
     QuantizedLinearMethod,
     add_param,
-    check_groups,
     check_pack,
     checkpoint_module_names,
+    input_groups,
     left_dense,
+    name_matches,
     per_shard_scalar,
 )
 
@@ -115,7 +115,7 @@ class CompressedTensorsConfig(QuantizationConfig):
     def scheme_for(self, prefix: str) -> Scheme | None:
         names = checkpoint_module_names(prefix)
         for targets, scheme in self.groups:
-            if any(t == "Linear" or _target_matches(n, t) for n in names for t in targets):
+            if any(t == "Linear" or name_matches(n, t) for n in names for t in targets):
                 return scheme
         return None
 
@@ -129,12 +129,6 @@ class CompressedTensorsConfig(QuantizationConfig):
         schemes = [{"format": s.fmt, "weights": f"{s.weight_type}{s.bits}", "strategy": s.strategy,
                     "group_size": s.group_size, "activations": s.activations} for _, s in self.groups]
         return {"quantization": self.name, "schemes": schemes}
-
-
-def _target_matches(name: str, target: str) -> bool:
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return name == target or name.endswith("." + target)
 
 
 class CompressedTensorsLinearMethod(QuantizedLinearMethod):
@@ -160,41 +154,29 @@ class CompressedTensorsLinearMethod(QuantizedLinearMethod):
             per_shard_scalar(layer, "weight_scale")
         elif s.strategy == "channel":
             add_param(layer, "weight_scale", (out_features, 1), torch.float32, output_dim=0)
-        else:  # block
-            bn, bk = s.block
-            if any(size % bn for size in layer.output_shard_sizes) and (
-                    len(layer.output_shard_sizes) > 1 or layer.tp.size > 1):
-                raise ValueError(f"{self.prefix}: output sizes {layer.output_shard_sizes} per rank are not "
-                                 f"multiples of the FP8 block {bn}")
-            if in_features % bk:
-                raise ValueError(f"{self.prefix}: {in_features} input features per rank are not a multiple "
-                                 f"of the FP8 block {bk}")
-            add_param(layer, "weight_scale", (-(-out_features // bn), in_features // bk), torch.float32,
-                      output_dim=0, input_dim=1)
+        else:
+            add_block_scales(layer, self.prefix, "weight_scale", in_features, out_features, s.block)
 
     def _create_packed(self, layer: nn.Module, in_features: int, out_features: int) -> None:
         s = self.scheme
         per_word = 32 // s.bits
-        group = s.group_size if s.strategy == "group" else in_features * (
-            layer.tp.size if layer.input_sharded else 1)
-        whole_groups = s.actorder and layer.input_sharded and layer.tp.size > 1
-        if not whole_groups:
-            check_groups(layer, self.prefix, in_features, group)
-        groups = (in_features * layer.tp.size if whole_groups else in_features) // group
+        groups = input_groups(layer, self.prefix, in_features, s.group_size if s.strategy == "group" else -1,
+                              s.actorder)
         check_pack(self.prefix, "input features", in_features, per_word)
-        group_dims = {"output_dim": 0} if whole_groups else {"output_dim": 0, "input_dim": 1}
+        group_dims = {"output_dim": 0, "input_dim": 1} if groups.sharded else {"output_dim": 0}
         add_param(layer, "weight_packed", (out_features, in_features // per_word), torch.int32,
                   output_dim=0, input_dim=1)
-        add_param(layer, "weight_scale", (out_features, groups), torch.float32, **group_dims)
+        add_param(layer, "weight_scale", (out_features, groups.count), torch.float32, **group_dims)
         # each projection's full [N, K], checked against what was loaded
         add_param(layer, "weight_shape", (len(layer.output_shard_sizes), 2), torch.int64, shard_scalar=True)
         if not s.symmetric:
             for shard in layer.output_shard_sizes:
                 check_pack(self.prefix, "output features of a projection", shard, per_word)
-            add_param(layer, "weight_zero_point", (out_features // per_word, groups), torch.int32, **group_dims)
+            add_param(layer, "weight_zero_point", (out_features // per_word, groups.count), torch.int32,
+                      **group_dims)
         if s.actorder:
             add_param(layer, "weight_g_idx", (in_features,), torch.int32, input_dim=0)
-        layer.ct_group_size = group
+        layer.ct_group_size = groups.size
 
     def random_form(self, layer: nn.Module) -> tuple[str, int, int]:
         s = self.scheme

@@ -26,6 +26,22 @@ from layers.quantization.canonical import Canonical, Fp8Weight, scales_per_row
 from layers.quantization.quantized_method import QuantizedLinearMethod, add_param, left_dense, per_shard_scalar
 
 
+def add_block_scales(layer: nn.Module, prefix: str, name: str, in_features: int, out_features: int,
+                     block: tuple[int, int]) -> None:
+    """Register one fp32 scale per [bn, bk] weight block. One projection on
+    one rank may end in a partial block; anything cut (fused projections, TP
+    shards) must cut at block edges."""
+    bn, bk = block
+    sizes = layer.output_shard_sizes
+    on_tp = f" (tp_size {layer.tp.size})" if layer.tp.size > 1 else ""
+    if (len(sizes) > 1 or layer.tp.size > 1) and any(s % bn for s in sizes):
+        raise ValueError(f"{prefix}: output sizes {sizes} per rank are not multiples of the FP8 block {bn}{on_tp}")
+    if in_features % bk:
+        raise ValueError(f"{prefix}: {in_features} input features per rank are not a multiple of "
+                         f"the FP8 block {bk}{on_tp}")
+    add_param(layer, name, (-(-out_features // bn), in_features // bk), torch.float32, output_dim=0, input_dim=1)
+
+
 def expand_block_scales(scale_inv: torch.Tensor, block_n: int, block_k: int, n: int, k: int) -> torch.Tensor:
     """[ceil(N / bn), ceil(K / bk)] block scales -> [N, K // bk] row-group scales."""
     if k % block_k:
@@ -78,19 +94,7 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         if block is None:
             per_shard_scalar(layer, "weight_scale")
         else:
-            bn, bk = block
-            sizes = layer.output_shard_sizes
-            # One projection on one rank may end in a partial block; anything
-            # cut (fused projections, TP shards) must cut at block edges.
-            cut = len(sizes) > 1 or layer.tp.size > 1
-            if cut and any(s % bn for s in sizes):
-                raise ValueError(f"{self.prefix}: output sizes {sizes} per rank are not multiples of the "
-                                 f"FP8 block {bn}" + (f" (tp_size {layer.tp.size})" if layer.tp.size > 1 else ""))
-            if in_features % bk:
-                raise ValueError(f"{self.prefix}: {in_features} input features per rank are not a multiple of "
-                                 f"the FP8 block {bk}" + (f" (tp_size {layer.tp.size})" if layer.tp.size > 1 else ""))
-            rows = -(-out_features // bn)
-            add_param(layer, "weight_scale_inv", (rows, in_features // bk), torch.float32, output_dim=0, input_dim=1)
+            add_block_scales(layer, self.prefix, "weight_scale_inv", in_features, out_features, block)
         if self.config.activation_scheme == "static":
             per_shard_scalar(layer, "input_scale")
 

@@ -27,8 +27,8 @@ from layers.quantization.canonical import Canonical, IntWeight, regroup_by_index
 from layers.quantization.quantized_method import (
     QuantizedLinearMethod,
     add_param,
-    check_groups,
     check_pack,
+    input_groups,
     left_dense,
 )
 
@@ -74,23 +74,17 @@ class GPTQLinearMethod(QuantizedLinearMethod):
 
     def create_checkpoint_tensors(self, layer: nn.Module, in_features: int, out_features: int) -> None:
         bits, pack = self.config.bits, 32 // self.config.bits
-        group = self.config.group_size if self.config.group_size != -1 else in_features * (
-            layer.tp.size if layer.input_sharded else 1)
-        # act-order row shards keep every group (see the module docstring)
-        whole_groups = self.config.desc_act and layer.input_sharded and layer.tp.size > 1
-        if not whole_groups:
-            check_groups(layer, self.prefix, in_features, group)
-        groups = (in_features * layer.tp.size if whole_groups else in_features) // group
+        groups = input_groups(layer, self.prefix, in_features, self.config.group_size, self.config.desc_act)
         check_pack(self.prefix, "input features", in_features, pack)
         check_pack(self.prefix, "output features", out_features, pack)
         for shard in layer.output_shard_sizes:
             check_pack(self.prefix, "output features of a fused projection", shard, pack)
-        group_dims = {"output_dim": 1} if whole_groups else {"output_dim": 1, "input_dim": 0}
+        group_dims = {"output_dim": 1, "input_dim": 0} if groups.sharded else {"output_dim": 1}
         add_param(layer, "qweight", (in_features // pack, out_features), torch.int32, output_dim=1, input_dim=0)
-        add_param(layer, "qzeros", (groups, out_features // pack), torch.int32, **group_dims)
-        add_param(layer, "scales", (groups, out_features), torch.float32, **group_dims)
+        add_param(layer, "qzeros", (groups.count, out_features // pack), torch.int32, **group_dims)
+        add_param(layer, "scales", (groups.count, out_features), torch.float32, **group_dims)
         add_param(layer, "g_idx", (in_features,), torch.int32, input_dim=0)
-        layer.gptq_group_size = group
+        layer.gptq_group_size = groups.size
         layer.gptq_bits = bits
 
     def random_form(self, layer: nn.Module) -> tuple[str, int, int]:

@@ -205,8 +205,7 @@ def build_kernel(weight: Canonical, dtype: torch.dtype, device: torch.device,
                          f"features; this layer's are {weight.group_size}")
     if isinstance(weight, Fp8Weight):
         if weight.per_row and _scaled_mm_supported(device):
-            static = input_scale if input_scale is not None else weight.input_scale
-            return Fp8ScaledMMKernel(weight.q.t(), weight.scale.reshape(1, -1).contiguous(), static)
+            return Fp8ScaledMMKernel(weight.q.t(), weight.scale.reshape(1, -1).contiguous(), input_scale)
         return TritonQuantKernel(weight.q.contiguous(), weight.scale.contiguous(), None, weight.group_size, "fp8")
     from layers.quantization.triton_quant_gemm import pack_int4
 

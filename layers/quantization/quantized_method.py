@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from abc import abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ def checkpoint_module_names(prefix: str) -> list[str]:
     return [prefix] if parts is None else [f"{parent}.{part}" for part in parts]
 
 
-def _matches(name: str, pattern: str) -> bool:
+def name_matches(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
     # A plain entry names a module, or a suffix of one ("lm_head", "mlp.down_proj").
@@ -44,7 +45,7 @@ def left_dense(prefix: str, patterns: Iterable[str]) -> bool:
     left dense only if all of its projections are: one weight, one format."""
     patterns = tuple(patterns)
     names = checkpoint_module_names(prefix)
-    flags = [any(_matches(name, p) for p in patterns) for name in names]
+    flags = [any(name_matches(name, p) for p in patterns) for name in names]
     if any(flags) and not all(flags):
         raise ValueError(
             f"the quantization config leaves only some of {', '.join(names)} unquantized; "
@@ -74,6 +75,27 @@ def check_groups(layer: nn.Module, prefix: str, in_features: int, group_size: in
     why = (f"tp_size {tp} splits a group ({in_features} input features per rank)"
            if tp > 1 and (in_features * tp) % group_size == 0 else f"{in_features} input features")
     raise ValueError(f"{prefix}: group size {group_size} does not divide the input: {why}")
+
+
+@dataclass(frozen=True)
+class InputGroups:
+    """How a layer's input groups lie on this rank."""
+
+    size: int  # input features per group
+    count: int  # groups whose scales this rank holds
+    sharded: bool  # whether the group tensors are cut along the input dim (else kept whole)
+
+
+def input_groups(layer: nn.Module, prefix: str, in_features: int, group_size: int, act_order: bool) -> InputGroups:
+    """Groups of `group_size` (-1: one group over the whole unsharded input).
+    With act-order a row-parallel shard's columns may belong to any group,
+    so it keeps every group's scales; otherwise its groups must be whole."""
+    full_in = in_features * (layer.tp.size if layer.input_sharded else 1)
+    size = full_in if group_size == -1 else group_size
+    if act_order and layer.input_sharded and layer.tp.size > 1:
+        return InputGroups(size, full_in // size, sharded=False)
+    check_groups(layer, prefix, in_features, size)
+    return InputGroups(size, in_features // size, sharded=True)
 
 
 def check_pack(prefix: str, what: str, size: int, per_int: int) -> None:

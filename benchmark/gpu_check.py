@@ -124,7 +124,7 @@ def plan(out: pathlib.Path, smoke: bool) -> list[Step]:
     llama = write_config(out / "models" / "llama3-8b-shape", SMOKE_LLAMA if smoke else LLAMA3_8B)
     qwen = write_config(out / "models" / "qwen3-0.6b-shape", SMOKE_QWEN3 if smoke else QWEN3_0_6B)
     tests = ["test/test_gpu.py", "test/test_triton_backend.py", "test/test_cuda_graph_runner.py",
-             "test/test_triton_quant_gemm.py"]
+             "test/test_triton_quant_gemm.py", "test/test_triton_moe.py"]
     steps = [Step("gpu tests", [python, "-m", "pytest", "-q", "-x", *([tests[0]] if smoke else tests)],
                   timeout_s=240)]
     decode_len = ["--input-len", "16", "--output-len", "8", "--rounds", "1"] if smoke else \

@@ -43,6 +43,26 @@ class TPContext:
     size: int = 1
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # along the last dim
+    # Mixture-of-experts layers split the group two ways (SGLang's rule):
+    # `ep_size` groups of ranks each hold 1/ep_size of the experts, and inside
+    # a group each expert's intermediate dim is split over size // ep_size.
+    ep_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.ep_size < 1 or self.size % self.ep_size:
+            raise ValueError(f"ep_size ({self.ep_size}) must divide tp_size ({self.size})")
+
+    @property
+    def moe_tp_size(self) -> int:
+        return self.size // self.ep_size
+
+    @property
+    def moe_tp_rank(self) -> int:
+        return self.rank % self.moe_tp_size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank // self.moe_tp_size
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.size == 1 or self.all_reduce is None else self.all_reduce(x)

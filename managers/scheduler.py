@@ -145,10 +145,13 @@ class Scheduler:
         self.tree_cache.reset()
         return True
 
-    def stats(self) -> dict[str, float]:
-        """Load and cache figures (for logs and, later, /metrics)."""
+    def stats(self) -> dict[str, Any]:
+        """Load and cache figures (for logs, /get_server_info and /metrics);
+        MoE models add the tokens routed to each expert lately."""
         cache = self.tree_cache
+        expert_load = self.worker.model_runner.expert_load
         return {
+            **({"expert_load": expert_load.snapshot()} if expert_load is not None else {}),
             "running_requests": len(self.running),
             # Includes requests finishing in the batch still in flight (overlap).
             "requests_holding_kv": self.req_to_token_pool.size - self.req_to_token_pool.available_size(),

@@ -90,9 +90,10 @@ class TPGroup:
         dist.broadcast(x, src=src, group=self.device_group)
         return x
 
-    def tp_context(self) -> TPContext:
+    def tp_context(self, ep_size: int = 1) -> TPContext:
         """What the layers see: this rank's shard and the two combiners."""
-        return TPContext(rank=self.rank, size=self.size, all_reduce=self.all_reduce, all_gather=self.all_gather)
+        return TPContext(rank=self.rank, size=self.size, all_reduce=self.all_reduce, all_gather=self.all_gather,
+                         ep_size=ep_size)
 
     # -- Python objects and scalars (control group) -----------------------------
 

@@ -33,6 +33,8 @@ class ModelRunnerConfig:
     flashinfer_workspace_mb: int = 256
     tp_size: int = 1
     tp_rank: int = 0
+    # Expert parallelism inside the TP group (MoE models; layers/linear.py TPContext).
+    ep_size: int = 1
     random_seed: int = 0
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random, from config.json alone
     # Let transformers run code shipped with the checkpoint (auto_map in config.json).

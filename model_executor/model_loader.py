@@ -81,7 +81,8 @@ def fill_dummy_weights(model: nn.Module, seed: int) -> None:
         if param.dim() < 2:
             param.data.fill_(1.0 if "norm" in name else 0.0)
         else:
-            param.data.normal_(0.0, param.shape[1] ** -0.5, generator=generator)
+            # The last dim is the input features (of every expert, for [E, out, in]).
+            param.data.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
 
 
 def load_model(
@@ -124,9 +125,9 @@ def load_model(
 def process_weights_after_loading(model: nn.Module) -> None:
     """Let each layer's linear method finish its weights (pack, unpack, ...)."""
     for module in model.modules():
-        method = getattr(module, "linear_method", None)
-        if method is not None:
-            method.process_weights_after_loading(module)
+        for method in (getattr(module, "linear_method", None), getattr(module, "moe_method", None)):
+            if method is not None:
+                method.process_weights_after_loading(module)
 
 
 def _bytes(tensor: torch.Tensor | None) -> int:

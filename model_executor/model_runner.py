@@ -58,7 +58,7 @@ class ModelRunner:
             trust_remote_code=config.trust_remote_code,
         )
         self.dtype = self.model_config.dtype
-        self.tp = tp_group.tp_context() if tp_group is not None else TPContext()
+        self.tp = tp_group.tp_context(config.ep_size) if tp_group is not None else TPContext(ep_size=config.ep_size)
         quant_config = self._quant_config(config)
         self.model = load_model(self.model_config, self.device, self.tp, config.load_format, config.random_seed,
                                 quant_config)
@@ -176,9 +176,18 @@ class ModelRunner:
         batch.kv_pool = self.kv_pool
         batch.attn_backend = self.attn_backend
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
-            return self.cuda_graph_runner.replay(batch)
-        self.attn_backend.init_forward_metadata(batch)
-        return self.model(batch)
+            out = self.cuda_graph_runner.replay(batch)
+        else:
+            self.attn_backend.init_forward_metadata(batch)
+            out = self.model(batch)
+        if self.expert_load is not None:
+            self.expert_load.end_step()
+        return out
+
+    @property
+    def expert_load(self):
+        """The MoE model's per-expert routing counts (layers/moe/load_stats.py), else None."""
+        return getattr(self.model, "expert_load", None)
 
     @torch.inference_mode()
     def sample(self, logits: LogitsProcessorOutput, batch: ForwardBatch) -> torch.Tensor:

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def tp_layout_errors(config: Mapping[str, Any], tp_size: int) -> list[str]:
-    """Why `config` cannot be split over `tp_size` ranks (empty if it can)."""
+def tp_layout_errors(config: Mapping[str, Any], tp_size: int, ep_size: int = 1) -> list[str]:
+    """Why `config` cannot be split over `tp_size` ranks, experts over
+    `ep_size` groups of them (empty if it can)."""
     # Multimodal-style configs nest the language model's settings.
     config = config.get("text_config", config)
     heads = config["num_attention_heads"]
@@ -29,9 +30,40 @@ def tp_layout_errors(config: Mapping[str, Any], tp_size: int) -> list[str]:
             f"tp_size {tp_size} is not a multiple of the {kv_heads} KV heads (each KV head "
             "is replicated on an equal number of ranks)"
         )
-    if intermediate % tp_size:
+    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    if _has_dense_mlp(config, experts) and intermediate % tp_size:
         errors.append(f"the MLP intermediate size {intermediate} does not divide evenly over tp_size {tp_size}")
+    errors += _expert_errors(config, experts, tp_size, ep_size)
     errors += _quantization_errors(config, tp_size)
+    return errors
+
+
+def _has_dense_mlp(config: Mapping[str, Any], experts: int) -> bool:
+    """Whether some layer keeps a dense MLP of `intermediate_size` (Mixtral's
+    `intermediate_size` is its experts')."""
+    if not experts:
+        return True
+    if "moe_intermediate_size" not in config:
+        return False
+    return bool(config.get("mlp_only_layers")) or (config.get("decoder_sparse_step") or 1) > 1
+
+
+def _expert_errors(config: Mapping[str, Any], experts: int, tp_size: int, ep_size: int) -> list[str]:
+    if tp_size % ep_size:
+        return [f"ep_size {ep_size} does not divide tp_size {tp_size}"]
+    if not experts:
+        return [f"ep_size {ep_size} needs a mixture-of-experts model; this one has no experts"] if ep_size > 1 else []
+    errors = []
+    if experts % ep_size:
+        errors.append(f"the {experts} experts do not divide evenly over ep_size {ep_size}")
+    per_expert = config.get("moe_intermediate_size") or config["intermediate_size"]
+    sharing = tp_size // ep_size  # ranks that split each expert
+    if per_expert % sharing:
+        errors.append(f"the expert intermediate size {per_expert} does not divide evenly over the {sharing} "
+                      f"ranks sharing each expert (tp_size {tp_size} / ep_size {ep_size})")
+    shared = config.get("shared_expert_intermediate_size") or 0
+    if shared % tp_size:
+        errors.append(f"the shared expert's intermediate size {shared} does not divide evenly over tp_size {tp_size}")
     return errors
 
 
@@ -78,11 +110,11 @@ def _quantization_errors(config: Mapping[str, Any], tp_size: int) -> list[str]:
     return errors
 
 
-def check_tp_layout(model_path: str, tp_size: int) -> None:
-    """Raise ValueError naming every reason `model_path` cannot run at `tp_size`."""
-    if tp_size == 1:
+def check_tp_layout(model_path: str, tp_size: int, ep_size: int = 1) -> None:
+    """Raise ValueError naming every reason `model_path` cannot run at `tp_size` / `ep_size`."""
+    if tp_size == 1 and ep_size == 1:
         return
     with open(os.path.join(model_path, "config.json")) as f:
-        errors = tp_layout_errors(json.load(f), tp_size)
+        errors = tp_layout_errors(json.load(f), tp_size, ep_size)
     if errors:
-        raise ValueError(f"--tp-size {tp_size} does not fit {model_path}: " + "; ".join(errors))
+        raise ValueError(f"--tp-size {tp_size} --ep-size {ep_size} does not fit {model_path}: " + "; ".join(errors))

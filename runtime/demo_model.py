@@ -62,7 +62,8 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-ARCHS = MappingProxyType({"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral"})
+ARCHS = MappingProxyType({"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral",
+                         "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe", "mixtral": "Mixtral"})
 SIZES = MappingProxyType({
     "tiny": MappingProxyType(dict(vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=32, intermediate_size=384,
@@ -71,6 +72,23 @@ SIZES = MappingProxyType({
                                    num_key_value_heads=4, head_dim=64, intermediate_size=2048,
                                    max_position_embeddings=4096)),
 })
+# Mixture-of-experts settings per architecture and size. `small` keeps the
+# dense small model's active MLP (2 of 8 experts of 1024 = its 2048), so the
+# two compare at equal active parameters. Qwen3-MoE keeps one dense layer, as
+# `mlp_only_layers` allows; Qwen2-MoE adds its shared expert.
+_QWEN_MOE = dict(num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1)
+MOE_DIMS = MappingProxyType({
+    ("qwen3_moe", "tiny"): MappingProxyType(dict(_QWEN_MOE, moe_intermediate_size=96, mlp_only_layers=[1],
+                                                 norm_topk_prob=True)),
+    ("qwen3_moe", "small"): MappingProxyType(dict(_QWEN_MOE, moe_intermediate_size=1024, norm_topk_prob=True)),
+    ("qwen2_moe", "tiny"): MappingProxyType(dict(_QWEN_MOE, moe_intermediate_size=96,
+                                                 shared_expert_intermediate_size=192)),
+    ("qwen2_moe", "small"): MappingProxyType(dict(_QWEN_MOE, moe_intermediate_size=1024,
+                                                  shared_expert_intermediate_size=1024)),
+    ("mixtral", "tiny"): MappingProxyType(dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("mixtral", "small"): MappingProxyType(dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=1024)),
+})
+EXPERT_LAYOUTS = ("per_expert", "fused")  # how the checkpoint stores experts (see DemoSpec)
 LLAMA3_ROPE = MappingProxyType({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 512})
 
@@ -94,6 +112,9 @@ class DemoSpec:
     rope_scaling: str | None = None
     # Overrides the size's KV-head count (TP tests need MHA and 1-KV-head models).
     num_key_value_heads: int | None = None
+    # MoE archs: "per_expert" tensors (the hub's layout; also what
+    # transformers saves by default) or transformers' "fused" [E, ...] tensors.
+    expert_layout: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tie_word_embeddings", bool(self.tie_word_embeddings))  # None means False
@@ -101,6 +122,8 @@ class DemoSpec:
             raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
+        if self.expert_layout not in (None, *EXPERT_LAYOUTS):
+            raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {self.expert_layout!r}")
         if self.rope_scaling not in (None, "llama3"):
             raise ValueError(f"rope_scaling must be None or 'llama3', got {self.rope_scaling!r}")
 
@@ -108,6 +131,8 @@ class DemoSpec:
         fields = dataclasses.asdict(self)
         if fields["num_key_value_heads"] is None:  # keeps markers written before the field existed valid
             del fields["num_key_value_heads"]
+        if fields["expert_layout"] is None:
+            del fields["expert_layout"]
         return {"version": FORMAT_VERSION, **fields}
 
     def dirname(self) -> str:
@@ -116,6 +141,7 @@ class DemoSpec:
         parts += ["tied"] if self.tie_word_embeddings else []
         parts += [f"rope-{self.rope_scaling}"] if self.rope_scaling else []
         parts += [f"kv{self.num_key_value_heads}"] if self.num_key_value_heads else []
+        parts += [f"experts-{self.expert_layout}"] if self.expert_layout else []
         return "-".join(parts)
 
 
@@ -131,9 +157,9 @@ def demo_model_path(arch: str = "qwen3", size: str = "tiny", **kwargs: Any) -> p
 
 def make_demo_model(out_dir: str | os.PathLike[str], arch: str = "qwen3", size: str = "tiny", *, seed: int = 0,
                     tie_word_embeddings: bool | None = None, rope_scaling: str | None = None,
-                    num_key_value_heads: int | None = None) -> pathlib.Path:
+                    num_key_value_heads: int | None = None, expert_layout: str | None = None) -> pathlib.Path:
     """Write a random-weight HF checkpoint + tokenizer to `out_dir` (skipped if already there)."""
-    spec = DemoSpec(arch, size, seed, bool(tie_word_embeddings), rope_scaling, num_key_value_heads)
+    spec = DemoSpec(arch, size, seed, bool(tie_word_embeddings), rope_scaling, num_key_value_heads, expert_layout)
     out = pathlib.Path(out_dir).absolute()
     if _read_marker(out) == spec.marker():
         return out
@@ -198,7 +224,8 @@ def _write_model(spec: DemoSpec, out: pathlib.Path) -> None:
     _init_weights(model, spec.seed)
     _check_logits(model, dims["vocab_size"], spec.seed)
     model.to(torch.bfloat16)
-    model.save_pretrained(out, max_shard_size="100MB")  # safetensors is the default format
+    # safetensors is the default format; MoE experts per expert unless "fused" is asked for.
+    model.save_pretrained(out, max_shard_size="100MB", save_original_format=spec.expert_layout != "fused")
     tokenizer.save_pretrained(out)
     # The marker goes last: its presence means every other file is complete.
     (out / MARKER_NAME).write_text(json.dumps(spec.marker(), indent=2) + "\n")
@@ -212,10 +239,11 @@ def _build_config(spec: DemoSpec, tokenizer: PreTrainedTokenizerFast) -> Pretrai
     dims = dict(SIZES[spec.size])
     if spec.num_key_value_heads:
         dims["num_key_value_heads"] = spec.num_key_value_heads
+    dims.update(MOE_DIMS.get((spec.arch, spec.size), {}))
     config = config_cls(
         **dims,
         **_rope_kwargs(config_cls, spec),
-        attention_bias=spec.arch == "qwen2",  # Qwen2 has q/k/v biases, the others none
+        attention_bias=spec.arch == "qwen2",  # Qwen2 has q/k/v biases, the others none (Qwen2-MoE: qkv_bias)
         tie_word_embeddings=spec.tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -223,7 +251,7 @@ def _build_config(spec: DemoSpec, tokenizer: PreTrainedTokenizerFast) -> Pretrai
         architectures=[f"{prefix}ForCausalLM"],
         rms_norm_eps=1e-6,
         # Mistral's config defaults to a 4096-token sliding window, which we refuse.
-        **({"sliding_window": None} if spec.arch == "mistral" else {}),
+        **({"sliding_window": None} if spec.arch in ("mistral", "mixtral") else {}),
     )
     # No dtype here: the model is built and checked in fp32, then cast to bfloat16 before
     # saving, and save_pretrained records that dtype in config.json itself.
@@ -266,7 +294,8 @@ def _init_std(name: str, shape: torch.Size, hidden: int) -> float:
     if "embed_tokens" in name or "lm_head" in name:
         # After the final RMSNorm the hidden state has unit RMS, so this gives logits with std ~LOGIT_STD.
         return LOGIT_STD / hidden**0.5
-    return 1.0 / shape[1] ** 0.5  # linear layers: unit-variance outputs for unit-variance inputs
+    # Linear layers (and each expert of [E, out, in]): unit-variance outputs for unit-variance inputs.
+    return 1.0 / shape[-1] ** 0.5
 
 
 def _check_logits(model: torch.nn.Module, vocab_size: int, seed: int) -> None:

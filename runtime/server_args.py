@@ -133,6 +133,12 @@ class ServerArgs:
 
     # Parallelism.
     tp_size: int = _arg(1, "Tensor-parallel degree (one scheduler process per rank).")
+    ep_size: int = _arg(
+        1,
+        "Expert parallelism for mixture-of-experts models: the TP group's ranks form ep-size groups "
+        "that each hold 1/ep-size of the experts (each expert split over tp-size/ep-size ranks). "
+        "Must divide --tp-size; equal to it puts whole experts on each rank.",
+    )
     nnodes: int = _arg(1, "Number of nodes.")
     node_rank: int = _arg(0, "Rank of this node, in 0..nnodes-1.")
     dist_init_addr: str | None = _arg(
@@ -207,7 +213,7 @@ class ServerArgs:
     def _validate(self) -> None:
         for name in (
             "page_size", "max_running_requests", "max_prefill_tokens",
-            "cuda_graph_max_bs", "tp_size", "nnodes", "stream_interval", "dist_timeout",
+            "cuda_graph_max_bs", "tp_size", "ep_size", "nnodes", "stream_interval", "dist_timeout",
             "flashinfer_workspace_mb",
         ):
             value = getattr(self, name)
@@ -252,6 +258,8 @@ class ServerArgs:
             )
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ValueError("--nnodes > 1 needs --dist-init-addr host:port")
+        if self.tp_size % self.ep_size:
+            raise ValueError(f"--ep-size ({self.ep_size}) must divide --tp-size ({self.tp_size})")
         if self.tp_size % self.nnodes:
             raise ValueError(
                 f"--tp-size ({self.tp_size}) must be a multiple of --nnodes ({self.nnodes}): "
@@ -330,6 +338,7 @@ class ServerArgs:
             flashinfer_workspace_mb=self.flashinfer_workspace_mb,
             tp_size=self.tp_size,
             tp_rank=tp_rank,
+            ep_size=self.ep_size,
             random_seed=self.random_seed,
             load_format=self.load_format,
             trust_remote_code=self.trust_remote_code,

@@ -65,6 +65,17 @@ class QuantizationConfig(ABC):
 
         return DenseLinearMethod() if self.cpu_pack is None else CpuPackedLinearMethod(self.cpu_pack)
 
+    def moe_method(self, prefix: str) -> Any:
+        """The `MoEMethod` (layers/moe/method.py) of the experts at `prefix`.
+        A format that does not quantize expert weights refuses them here,
+        at model construction, rather than loading them wrong."""
+        raise ValueError(f"{self.name} quantization of mixture-of-experts weights is not supported yet ({prefix})")
+
+    def unquantized_moe_method(self) -> Any:
+        from layers.moe.method import CpuPackedGroupedExperts, GroupedExperts
+
+        return GroupedExperts() if self.cpu_pack is None else CpuPackedGroupedExperts(self.cpu_pack)
+
     def describe(self) -> dict[str, Any]:
         """What /model_info reports about the quantization."""
         return {"quantization": self.name}

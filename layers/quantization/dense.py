@@ -58,5 +58,8 @@ class DenseConfig(QuantizationConfig):
     def linear_method(self, prefix: str) -> LinearMethod:
         return self.unquantized_method()
 
+    def moe_method(self, prefix: str):
+        return self.unquantized_moe_method()
+
     def describe(self) -> dict:
         return {"quantization": None}

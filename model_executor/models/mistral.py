@@ -11,13 +11,17 @@ from layers.quantization import QuantizationConfig
 from model_executor.models.blocks import DecoderForCausalLM
 
 
+def refuse_sliding_window(config: Any) -> None:
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings:
+        raise ValueError(
+            f"sliding-window attention is not supported (sliding_window={window} < "
+            f"max_position_embeddings={config.max_position_embeddings})"
+        )
+
+
 class MistralForCausalLM(DecoderForCausalLM):
     def __init__(self, config: Any, tp: TPContext | None = None,
                  quant_config: QuantizationConfig | None = None) -> None:
-        window = getattr(config, "sliding_window", None)
-        if window is not None and window < config.max_position_embeddings:
-            raise ValueError(
-                f"sliding-window attention is not supported (sliding_window={window} < "
-                f"max_position_embeddings={config.max_position_embeddings})"
-            )
+        refuse_sliding_window(config)
         super().__init__(config, tp, quant_config)

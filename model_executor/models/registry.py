@@ -17,8 +17,11 @@ MODEL_MODULES: MappingProxyType[str, str] = MappingProxyType(
     {
         "LlamaForCausalLM": "model_executor.models.llama",
         "MistralForCausalLM": "model_executor.models.mistral",
+        "MixtralForCausalLM": "model_executor.models.mixtral",
         "Qwen2ForCausalLM": "model_executor.models.qwen2",
+        "Qwen2MoeForCausalLM": "model_executor.models.qwen2_moe",
         "Qwen3ForCausalLM": "model_executor.models.qwen3",
+        "Qwen3MoeForCausalLM": "model_executor.models.qwen3_moe",
     }
 )
 

@@ -321,7 +321,8 @@ def roofline(args: argparse.Namespace, model_path: str, runner: ModelRunner, ste
     config = runner.model_config
     # Context of the median decode step: the prompt plus half the output.
     context_tokens = args.batch_size * (args.input_len + args.output_len // 2)
-    step_bytes = weight_bytes_per_step(model_path, runner.dtype, model=runner.model) + kv_bytes_per_step(
+    step_bytes = weight_bytes_per_step(model_path, runner.dtype, model=runner.model,
+                                       batch_size=args.batch_size) + kv_bytes_per_step(
         context_tokens, config.num_layers, runner.num_kv_heads, config.head_dim, runner.dtype
     )
     bandwidth = copy_bandwidth(runner.device)

@@ -38,12 +38,14 @@ def _llama_family_sizes(model_path: str) -> dict[str, int]:
     return sizes
 
 
-def weight_bytes_per_step(model_path: str, dtype: torch.dtype, tp_size: int = 1, model=None) -> int:
+def weight_bytes_per_step(model_path: str, dtype: torch.dtype, tp_size: int = 1, model=None,
+                          batch_size: int = 1) -> int:
     """Bytes of weights one rank reads per decode step (shapes only; nothing is
     loaded). With the loaded `model`: what its linear layers hold, so a
-    quantized layer counts its packed integers and scales."""
+    quantized layer counts its packed integers and scales, and the experts a
+    step of `batch_size` touches."""
     if model is not None:
-        return loaded_linear_bytes(model)
+        return loaded_linear_bytes(model, batch_size)
     try:
         sizes = {name: tensor.numel() for name, tensor in iterate_weights(checkpoint_files(model_path))}
     except FileNotFoundError:
@@ -53,10 +55,11 @@ def weight_bytes_per_step(model_path: str, dtype: torch.dtype, tp_size: int = 1,
     return total * torch.empty(0, dtype=dtype).element_size() // tp_size
 
 
-def loaded_linear_bytes(model) -> int:
+def loaded_linear_bytes(model, decode_rows: int | None = None) -> int:
     """Bytes a decode step streams through the model's linear layers (the LM
-    head too): a quantized layer's kernel tensors, else one dense copy."""
-    total = 0
+    head too): a quantized layer's kernel tensors, else one dense copy; plus,
+    with `decode_rows` (the batch size), the experts such a step touches."""
+    total = 0 if decode_rows is None else expert_bytes_per_decode_step(model, decode_rows)
     for layer in model.modules():
         if getattr(layer, "linear_method", None) is None:
             continue
@@ -90,3 +93,32 @@ def copy_bandwidth(device: torch.device, size_bytes: int = 512 << 20, repeats: i
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size_bytes / best
+
+
+def expert_bytes_per_decode_step(model, batch_size: int) -> int:
+    """Expert weight bytes a decode step of `batch_size` tokens reads: each
+    MoE layer reads only the experts its tokens were routed to. How many that
+    is comes from the model's routing counts (layers/moe/load_stats.py) over
+    the recorded decode steps (those routing batch_size * top_k tokens per
+    layer); without any, uniform routing's expectation E (1 - (1 - k/E)^B)."""
+    from layers.moe.layer import FusedMoE
+
+    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    if not experts:
+        return 0
+    recorder = getattr(model, "expert_load", None)
+    touched = None
+    if recorder is not None:
+        steps = recorder.ring[: min(recorder.steps, recorder.window_steps)]  # [steps, layers, experts]
+        top_k = experts[0].top_k
+        decode = steps[(steps.sum(dim=-1) == batch_size * top_k).all(dim=-1)]
+        if len(decode):
+            touched = (decode > 0).sum(dim=-1).float().mean().item()  # per layer and step
+    total = 0
+    for moe in experts:
+        count = moe.placement.count
+        # gate + up + down of one expert (packed away on CPU bf16: the shapes still say it).
+        per_expert = 3 * moe.hidden * moe.intermediate * moe.w2_weight.element_size()
+        expected = count * (1 - (1 - moe.top_k / moe.placement.total) ** batch_size) if touched is None else touched
+        total += round(per_expert * min(expected, count))
+    return total

@@ -69,25 +69,51 @@ def test_layers_are_sparse_or_dense_as_configured():
     assert qwen2.model.layers[0].mlp.shared_expert is not None
 
 
-def test_bf16_tracks_transformers_bf16():
-    # Against transformers' bf16, not the fp32 truth: in bf16 a token whose
-    # router scores nearly tie may pick another expert (here one prompt's
-    # last token does, in transformers' bf16 as in ours: 3.8 off the fp32
-    # logits, both), which no tolerance on the truth could absorb.
-    path = _path("qwen3_moe")
+def test_bf16_tracks_transformers_bf16(tmp_path):
+    # bf16 on the demo checkpoint flips routings: its random router gives
+    # near-ties, and a token whose top-2 scores nearly tie may pick another
+    # expert in any bf16 implementation (3 logits off, in transformers' bf16
+    # against its fp32 as in ours). A router scaled 8x keeps each token's
+    # choice clear, so what is left to compare is the experts' arithmetic.
+    path = tmp_path / "decisive-router"
+
+    def scale_router(tensors):
+        for name in tensors:
+            if name.endswith("mlp.gate.weight"):
+                tensors[name] = tensors[name] * 8
+
+    _rewrite_checkpoint(_path("qwen3_moe"), path, scale_router)
     runner = make_runner(path, dtype="bfloat16")
     experts = next(m for m in runner.model.modules() if isinstance(m, FusedMoE))
     assert hasattr(experts, "packed_experts") and experts.w13_weight.numel() == 0  # packed like dense linears
-    reference = hf_model(path, torch.bfloat16)
+    reference, truth = hf_model(path, torch.bfloat16), hf_model(path, torch.float32)
+
+    def assert_close_to_reference(ours: torch.Tensor, tokens: list[int]) -> None:
+        ref, exact = hf_logits(reference, tokens)[-1], hf_logits(truth, tokens)[-1]
+        ours = ours.float()
+        # Within 3% of the largest logit of transformers' bf16 (seen: up to 2%),
+        # and no further from the fp32 truth than twice transformers' bf16 is
+        # (seen: up to 1.44x; the max over the vocabulary is a noisy statistic).
+        assert (ours - ref).abs().max() <= 0.03 * ref.abs().max()
+        assert (ours - exact).abs().max() <= 2 * (ref - exact).abs().max()
+
     prompts = make_prompts([9, 30], VOCAB, seed=2)
     batch = BatchRunner(runner)
     seq_ids = [batch.add_sequence() for _ in prompts]
     out, _ = batch.extend(seq_ids, prompts)
     batch.release_all()
     for row, prompt in enumerate(prompts):
-        ref = hf_logits(reference, prompt)[-1]
-        # Within 2% of the largest logit (seen: 0.19 of 14.7).
-        assert (out.next_token_logits[row].float() - ref).abs().max() <= 0.02 * ref.abs().max()
+        assert_close_to_reference(out.next_token_logits[row], prompt)
+    # One sequence decoding alone: the native one-or-two-token path.
+    batch = BatchRunner(runner)
+    seq = batch.add_sequence()
+    tokens = list(prompts[0])
+    batch.extend([seq], [tokens])
+    for token in (17, 99, 3, 250):
+        tokens.append(token)
+        out, _ = batch.extend([seq], [[token]])
+        assert_close_to_reference(out.next_token_logits[0], tokens)
+    batch.release_all()
 
 
 SCHEDULER_OPTIONS = [dict(), dict(overlap=True), dict(chunk=16), dict(page_size=16, chunk=32, overlap=True)]
@@ -228,3 +254,41 @@ def test_layouts_that_fit_pass():
     assert tp_layout_errors(mixtral, 4, 4) == []
     assert tp_layout_errors(_moe_config(intermediate_size=9), 2, 1) == []  # no layer is dense
     assert tp_layout_errors(_moe_config(intermediate_size=9, mlp_only_layers=[1]), 2, 1) != []
+
+
+def test_native_decode_path_matches_the_grouped_path():
+    """CPU bf16 at one or two tokens runs the experts in one native call
+    (cpu_kernels/moe.cpp); it must agree with the grouped torch path on the
+    same packed weights, also with slots routed to another rank (-1)."""
+    from layers.cpu_kernels import native_ops
+    from layers.linear import TPContext
+    from layers.moe.method import CpuPackedGroupedExperts, GroupedExperts
+    from layers.moe.router import select_experts
+    from layers.quantization import CpuPackOptions, DenseConfig
+
+    ops = native_ops()
+    if ops is None or not ops.bf16_gemm_supported():
+        pytest.skip("native bf16 kernels not built here")
+    gen = torch.Generator().manual_seed(4)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        layer = FusedMoE(8, 2, 128, 96, True, TPContext(), DenseConfig(cpu_pack=CpuPackOptions(16, True)))
+    finally:
+        torch.set_default_dtype(previous)
+    layer.w13_weight.data.copy_(torch.randn(layer.w13_weight.shape, generator=gen) / 11)
+    layer.w2_weight.data.copy_(torch.randn(layer.w2_weight.shape, generator=gen) / 10)
+    method = layer.moe_method
+    assert isinstance(method, CpuPackedGroupedExperts)
+    method.process_weights_after_loading(layer)
+    assert layer.streaming_experts is not None
+    for tokens in (1, 2):
+        hidden = torch.randn(tokens, 128, generator=gen).bfloat16()
+        weights, ids = select_experts(torch.randn(tokens, 8, generator=gen), 2, True)
+        for local_ids in (ids, torch.where(ids % 2 == 1, -1, ids)):
+            native = method.apply(layer, hidden, weights, local_ids)
+            grouped = GroupedExperts.apply(method, layer, hidden, weights, local_ids)
+            # Both round each projection to bf16; the weighted sums differ in
+            # the weights' precision (fp32 here, bf16 in the batched product).
+            torch.testing.assert_close(native.float(), grouped.float(), atol=2**-7 * grouped.abs().max().item(),
+                                       rtol=2**-7)

@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("bindings.cpp", "attention.cpp", "gemm.cpp", "int_gemm.cpp", "norm.cpp", "rope.cpp", "activation.cpp")
+_SOURCES = ("bindings.cpp", "attention.cpp", "gemm.cpp", "int_gemm.cpp", "norm.cpp", "rope.cpp", "activation.cpp", "moe.cpp")
 _HEADERS = ("numerics.h",)  # not compiled on their own, but part of the build's identity
 _DISABLE_ENV = "RADIXSERVE_NO_NATIVE_KERNELS"
 

@@ -18,6 +18,9 @@ torch::Tensor qk_norm_rope_store(const torch::Tensor& qkv, const c10::optional<t
                                  torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
                                  int64_t num_heads, int64_t num_kv_heads);
 torch::Tensor silu_and_mul_bf16(const torch::Tensor& x);
+torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_ids,
+                               const torch::Tensor& topk_weights, const torch::Tensor& w13,
+                               const torch::Tensor& w2, int64_t intermediate);
 bool int_gemm_supported();
 bool int_gemm_amx_supported();
 torch::Tensor pack_int_weight(const torch::Tensor& q, const torch::Tensor& scale,
@@ -42,6 +45,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("cos"), pybind11::arg("signed_sin"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
         pybind11::arg("slots"), pybind11::arg("num_heads"), pybind11::arg("num_kv_heads"));
   m.def("silu_and_mul_bf16", &silu_and_mul_bf16, "[T, 2d] = [gate | up] bf16 -> silu(gate) * up, [T, d]");
+  m.def("moe_experts_bf16", &moe_experts_bf16,
+        "One or two tokens' routed experts (stacked packed weights), weighted and summed -> [T, H] bf16",
+        pybind11::arg("x"), pybind11::arg("topk_ids"), pybind11::arg("topk_weights"), pybind11::arg("w13"),
+        pybind11::arg("w2"), pybind11::arg("intermediate"));
   m.def("int_gemm_supported", &int_gemm_supported, "whether int_linear was built (AVX-512)");
   m.def("int_gemm_amx_supported", &int_gemm_amx_supported, "whether int_linear can use AMX tiles here");
   m.def("pack_int_weight", &pack_int_weight,

@@ -10,8 +10,9 @@ like the dense ones, load through the same expert loaders).
 The methods here share one grouped computation (`GroupedExperts.apply`):
 the routed (token, k) slots are sorted by expert once, each expert that got
 tokens runs its MLP on its consecutive rows (no per-token Python work, idle
-experts skipped), and the rows, scaled by their routing weights, are summed
-back in token order. CUDA tensors take the Triton grouped GEMM instead.
+experts skipped) and writes them back to their slots, and one batched
+product sums each token's slots with their routing weights. CUDA tensors
+take the Triton grouped GEMM instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.cpu_gemm import pack_cpu_linear
+from layers.cpu_gemm import SMALL_BATCH_ROWS, pack_cpu_linear
+from layers.cpu_kernels import native_ops
 from layers.moe.dispatch import group_by_expert
 from layers.quantization.base import set_weight_attrs
 from layers.quantization.dense import CpuPackOptions
@@ -67,24 +69,33 @@ class GroupedExperts(MoEMethod):
 
             return triton_fused_experts(hidden, layer.w13_weight, layer.w2_weight, topk_weights, local_ids)
         groups = group_by_expert(local_ids, layer.num_local_experts)
-        tokens = groups.tokens
-        rows = hidden.index_select(0, tokens)
-        out = torch.empty(rows.shape[0], hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+        rows = hidden.index_select(0, groups.tokens)
+        num_tokens, top_k = local_ids.shape
+        # Each expert's output lands in its slots' rows (t * top_k + k); rows
+        # of slots routed to another rank stay zero (their weight multiplies
+        # them by nothing, but uninitialised memory could hold a NaN).
+        routed_elsewhere = len(groups.slots) < num_tokens * top_k
+        alloc = torch.zeros if routed_elsewhere else torch.empty
+        by_slot = alloc(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
         start = 0
         for expert, count in enumerate(groups.counts):
             if count:
-                out[start : start + count] = self.expert_mlp(layer, expert, rows[start : start + count])
-                start += count
-        # Summed in fp32: a token's k expert outputs are added in one rounding.
-        scale = topk_weights.flatten().index_select(0, groups.slots).unsqueeze(1)
-        total = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        total.index_add_(0, tokens, out.float() * scale)
-        return total.to(hidden.dtype)
+                end = start + count
+                by_slot.index_copy_(0, groups.slots[start:end], self.expert_mlp(layer, expert, rows[start:end]))
+                start = end
+        # The weighted sum over each token's k slots as one batched product
+        # [T, 1, k] x [T, k, H] (fp32 accumulation inside, one rounding).
+        weights = topk_weights.to(hidden.dtype).unsqueeze(1)
+        return torch.bmm(weights, by_slot.view(num_tokens, top_k, -1)).squeeze(1)
 
 
 class CpuPackedGroupedExperts(GroupedExperts):
     """CPU bf16: each expert's two projections packed for the CPU GEMMs
-    (layers/cpu_gemm.py, as dense linears are), the plain copies dropped."""
+    (layers/cpu_gemm.py, as dense linears are), the plain copies dropped.
+    Where the native kernels are built, the streaming-GEMV copies of all
+    experts sit in one stacked tensor per projection, and one or two tokens
+    (decode) run in one native call (cpu_kernels/moe.cpp) instead of the
+    grouped torch path."""
 
     def __init__(self, options: CpuPackOptions) -> None:
         self.options = options
@@ -96,9 +107,27 @@ class CpuPackedGroupedExperts(GroupedExperts):
              pack_cpu_linear(w2, pack.batch_size_hint, pack.small_batch_gemv))
             for w13, w2 in zip(layer.w13_weight, layer.w2_weight)
         ]
+        layer.streaming_experts = None
+        if all(up.streaming is not None and down.streaming is not None for up, down in layer.packed_experts):
+            # Stacked, and each expert's linear keeps a view: one copy in memory.
+            stacks = tuple(torch.stack([linear.streaming for linear in column])
+                           for column in zip(*layer.packed_experts))
+            for expert, linears in enumerate(layer.packed_experts):
+                for linear, stack in zip(linears, stacks):
+                    linear.streaming = stack[expert]
+            layer.streaming_experts = stacks
         layer.w13_weight.data = torch.empty(0, dtype=layer.w13_weight.dtype)
         layer.w2_weight.data = torch.empty(0, dtype=layer.w2_weight.dtype)
 
     def expert_mlp(self, layer: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
         up, down = layer.packed_experts[expert]
         return down(layer.act_fn(up(x, None)), None)
+
+    def apply(self, layer: nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor,
+              local_ids: torch.Tensor) -> torch.Tensor:
+        if (layer.streaming_experts is not None and hidden.shape[0] <= SMALL_BATCH_ROWS
+                and layer.act_fn.use_native and hidden.is_contiguous()):
+            ops = native_ops()
+            w13, w2 = layer.streaming_experts
+            return ops.moe_experts_bf16(hidden, local_ids, topk_weights, w13, w2, layer.intermediate)
+        return super().apply(layer, hidden, topk_weights, local_ids)

@@ -142,6 +142,13 @@ def weight_memory(model: nn.Module) -> tuple[int, int]:
     actual = sum(_bytes(p) for p in params.values())
     dense = actual
     for layer in model.modules():
+        packed_experts = getattr(layer, "packed_experts", None)
+        if packed_experts is not None:  # MoE experts packed for the CPU kernels (layers/moe/method.py)
+            onednn = sum(_bytes(linear.onednn) for pair in packed_experts for linear in pair)
+            streaming = getattr(layer, "streaming_experts", None)
+            actual += onednn + (sum(_bytes(stack) for stack in streaming) if streaming else 0)
+            dense += onednn
+            continue
         if getattr(layer, "linear_method", None) is None:
             continue
         weight = getattr(layer, "weight", None)

@@ -378,9 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tie-word-embeddings", action="store_true")
     parser.add_argument("--rope-scaling", choices=["llama3"], default=None)
+    parser.add_argument("--expert-layout", choices=EXPERT_LAYOUTS, default=None,
+                        help="MoE archs: how the checkpoint stores the experts (default: per expert)")
     args = parser.parse_args(argv)
     path = make_demo_model(args.out_dir, args.arch, args.size, seed=args.seed,
-                           tie_word_embeddings=args.tie_word_embeddings, rope_scaling=args.rope_scaling)
+                           tie_word_embeddings=args.tie_word_embeddings, rope_scaling=args.rope_scaling,
+                           expert_layout=args.expert_layout)
     print(path)
     return 0
 

@@ -66,3 +66,15 @@ def test_weight_bytes_skip_the_embedding_unless_tied():
         expected = layers * per_layer + h + vocab * h  # final norm, LM head (or the tied embedding)
         assert weight_bytes_per_step(str(path), torch.bfloat16) == 2 * expected
         assert weight_bytes_per_step(str(path), torch.bfloat16, tp_size=2) == expected
+
+
+def test_bench_moe_smoke():
+    from benchmark import bench_moe
+
+    result = bench_moe.main(["--size", "tiny", "--batch-sizes", "1", "3", "--rounds", "1", "--output-len", "4",
+                             "--input-len", "16", "--steps", "2", "--repeats", "2", "--json"])
+    sides, parts = result["side_by_side"], result["moe_step_breakdown"]
+    assert [row["batch_size"] for row in sides] == [1, 3] and all(row["moe_decode_tok_per_s"] > 0 for row in sides)
+    # The MoE step reads more experts at batch 3 than at 1 (one per slot at most).
+    assert sides[1]["moe_decode_mb_per_step"] > sides[0]["moe_decode_mb_per_step"]
+    assert all(row["moe_layers"] == 3 and row["experts_ms"] > 0 and row["routing_ms"] > 0 for row in parts)

@@ -292,3 +292,16 @@ def test_native_decode_path_matches_the_grouped_path():
             # the weights' precision (fp32 here, bf16 in the batched product).
             torch.testing.assert_close(native.float(), grouped.float(), atol=2**-7 * grouped.abs().max().item(),
                                        rtol=2**-7)
+
+
+def test_weight_memory_counts_packed_experts():
+    from model_executor.model_loader import weight_memory
+
+    path = _path("qwen3_moe")
+    checkpoint_bytes = sum(t.numel() * 2 for f in path.glob("*.safetensors") for t in load_file(f).values())
+    runner = make_runner(path, dtype="bfloat16")
+    held, dense = weight_memory(runner.model)
+    assert dense == checkpoint_bytes  # bf16 checkpoint: dense = what it holds
+    # Packed for the CPU kernels: oneDNN's copy plus the streaming one of every linear and expert.
+    has_streaming = runner.model.model.layers[0].mlp.experts.streaming_experts is not None
+    assert held > 1.9 * dense if has_streaming else held >= dense

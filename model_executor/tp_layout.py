@@ -117,4 +117,5 @@ def check_tp_layout(model_path: str, tp_size: int, ep_size: int = 1) -> None:
     with open(os.path.join(model_path, "config.json")) as f:
         errors = tp_layout_errors(json.load(f), tp_size, ep_size)
     if errors:
-        raise ValueError(f"--tp-size {tp_size} --ep-size {ep_size} does not fit {model_path}: " + "; ".join(errors))
+        flags = f"--tp-size {tp_size}" + (f" --ep-size {ep_size}" if ep_size != 1 else "")
+        raise ValueError(f"{flags} does not fit {model_path}: " + "; ".join(errors))

@@ -66,6 +66,8 @@ class IncrementalDetokenizer:
             out.prompt_tokens.append(batch.prompt_tokens[i])
             out.completion_tokens.append(batch.completion_tokens[i])
             out.cached_tokens.append(batch.cached_tokens[i])
+            out.spec_verify_ct.append(batch.spec_verify_ct[i])
+            out.spec_accepted_tokens.append(batch.spec_accepted_tokens[i])
             out.new_token_logprobs.append(batch.new_token_logprobs[i])
             out.new_top_logprobs.append(batch.new_top_logprobs[i])
             if finish is not None:

@@ -103,6 +103,8 @@ class BatchTokenIDOut:
     prompt_tokens: list[int] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)
     cached_tokens: list[int] = field(default_factory=list)
+    spec_verify_ct: list[int] = field(default_factory=list)  # per rid: verify steps so far
+    spec_accepted_tokens: list[int] = field(default_factory=list)  # per rid: guesses accepted so far
     # Per rid (None unless it asked): (logprob, id) per new token, and top alternatives.
     new_token_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
     new_top_logprobs: list[list[list[tuple[float, int]]] | None] = field(default_factory=list)
@@ -122,5 +124,7 @@ class BatchStrOut:
     prompt_tokens: list[int] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)
     cached_tokens: list[int] = field(default_factory=list)
+    spec_verify_ct: list[int] = field(default_factory=list)  # per rid: verify steps so far
+    spec_accepted_tokens: list[int] = field(default_factory=list)  # per rid: guesses accepted so far
     new_token_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
     new_top_logprobs: list[list[list[tuple[float, int]]] | None] = field(default_factory=list)

@@ -25,6 +25,8 @@ class OutputReport:
         out.prompt_tokens.append(len(req.origin_input_ids))
         out.completion_tokens.append(len(req.output_ids))
         out.cached_tokens.append(req.cached_tokens)
+        out.spec_verify_ct.append(req.spec_verify_ct)
+        out.spec_accepted_tokens.append(req.spec_accepted_tokens)
         out.skip_special_tokens.append(req.sampling_params.skip_special_tokens)
         out.stop_strings.append(list(req.sampling_params.stop or ()))
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from managers.cache_manager import CacheManager
+from managers.drafts import AcceptanceStats
 from managers.io_struct import FinishReason
 from managers.prefill_admission import PrefillAdmission
 from managers.schedule_batch import Req, ScheduleBatch
@@ -43,6 +44,7 @@ class ResultProcessor:
         self.tokenizer = tokenizer  # for stop strings only
         self.overlap = overlap
         self.report = report
+        self.spec = AcceptanceStats()
 
     def on_launch(self, batch: ScheduleBatch, placeholders: torch.Tensor | None) -> None:
         """State moves as if the batch had already run (overlap plans ahead)."""
@@ -87,6 +89,7 @@ class ResultProcessor:
             if guesses:
                 # KV stays for the tokens kept (all but the newest, as always).
                 self.kv.trim(req, len(req.origin_input_ids) + len(req.output_ids) - 1)
+                self.spec.record(req, accepted=len(row_tokens) - 1)
             if not decoding:
                 self.admission.drop_claim(req)
             if req.finished():

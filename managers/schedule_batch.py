@@ -79,6 +79,11 @@ class Req:
     finished_reason: FinishReason | None = None
     to_abort: bool = False
     cached_tokens: int = 0  # prompt tokens served from the radix cache (first admission)
+    # Speculative decoding: steps that verified guesses, guesses accepted, and
+    # the draft source's own state for this request (managers/drafts.py).
+    spec_verify_ct: int = 0
+    spec_accepted_tokens: int = 0
+    draft_state: Any = None
     retractions: int = 0
     reported_len: int = 0  # output ids already sent out
     hidden: bool = False  # internal (e.g. the prompt warm-up of an n > 1 request): never reported

@@ -40,7 +40,7 @@ import torch
 
 from managers.cache_manager import CacheManager
 from managers.decode_room import DecodeRoom
-from managers.drafts import DraftProposer
+from managers.drafts import DraftProposer, make_drafter
 from managers.io_struct import AbortReq, BatchTokenIDOut, FinishReason, TokenizedGenerateReq
 from managers.iteration_timings import IterationTimings
 from managers.output_report import OutputReport
@@ -105,6 +105,10 @@ class Scheduler:
             eos_token_ids, self._report, self.grammars, wait_for_grammars=tp_group is not None and tp_group.size > 1)
         self.admission = PrefillAdmission(config, self.kv, SchedulePolicy(config.schedule_policy, self.tree_cache),
                                           self.max_running_requests, self._new_batch)
+        drafter = drafter or make_drafter(config.speculative)
+        if drafter is not None and config.enable_overlap:
+            logger.info("speculative decoding with overlap scheduling: a step drafts from the previous "
+                        "step's tokens, so it waits for them (no overlap on decode steps that draft)")
         self.decode = DecodeRoom(self.kv, self.queues, self._new_batch, drafter)
         self.sampling = SamplingPlanner(self.vocab_size)
         # Whatever is kept per request lets go of it with its KV.
@@ -116,6 +120,7 @@ class Scheduler:
         )
         self.results = ResultProcessor(self.queues, self.kv, self.admission, tokenizer, config.enable_overlap,
                                        self._report)
+        self.spec = self.results.spec
         self.inflight: _InFlight | None = None
         self.timings = IterationTimings()
 
@@ -152,6 +157,9 @@ class Scheduler:
         expert_load = self.worker.model_runner.expert_load
         return {
             **({"expert_load": expert_load.snapshot()} if expert_load is not None else {}),
+            "spec_verify_steps": self.spec.verify_steps,
+            "spec_accepted_tokens": self.spec.accepted_tokens,
+            "avg_spec_accept_length": self.spec.accept_length(),
             "running_requests": len(self.running),
             # Includes requests finishing in the batch still in flight (overlap).
             "requests_holding_kv": self.req_to_token_pool.size - self.req_to_token_pool.available_size(),

@@ -8,6 +8,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (managers/drafts.py): which draft source, and how
+    many tokens a verify step feeds per request (its last token + guesses)."""
+
+    algorithm: str  # "NGRAM"
+    num_draft_tokens: int = 8
+    # NGRAM: shortest and longest run of newest tokens matched against earlier ones.
+    ngram_min_match_window: int = 1
+    ngram_max_match_window: int = 12
+
+
 @dataclass
 class SchedulerConfig:
     max_prefill_tokens: int = 16384
@@ -29,3 +41,4 @@ class SchedulerConfig:
     constrained_json_disable_any_whitespace: bool = False
     # A request whose grammar has not compiled by then is refused.
     grammar_compile_timeout_s: float = 30.0
+    speculative: SpeculativeConfig | None = None

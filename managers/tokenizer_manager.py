@@ -64,6 +64,8 @@ class _ReqState:
     output_ids: list[int] = field(default_factory=list)
     completion_tokens: int = 0
     cached_tokens: int = 0
+    spec_verify_ct: int = 0
+    spec_accepted_tokens: int = 0
     finish: FinishReason | None = None
     # [logprob, token id, token text] per output token, when asked for.
     token_logprobs: list[list] | None = None
@@ -79,6 +81,9 @@ class _ReqState:
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "cached_tokens": self.cached_tokens,
+                # Speculative decoding: steps that verified guesses, and guesses accepted.
+                "spec_verify_ct": self.spec_verify_ct,
+                "spec_accepted_tokens": self.spec_accepted_tokens,
                 "finish_reason": None if self.finish is None else self.finish.to_json(),
                 "e2e_latency": time.monotonic() - self.created,
             },
@@ -413,6 +418,8 @@ class TokenizerManager:
             state.output_ids.extend(out.new_token_ids[i])
             state.completion_tokens = out.completion_tokens[i]
             state.cached_tokens = out.cached_tokens[i]
+            state.spec_verify_ct = out.spec_verify_ct[i]
+            state.spec_accepted_tokens = out.spec_accepted_tokens[i]
             state.finish = out.finished_reasons[i]
             if out.new_token_logprobs[i] is not None:
                 self._add_logprobs(state, out.new_token_logprobs[i], out.new_top_logprobs[i])

@@ -35,6 +35,11 @@ class ServerMetrics:
         self.waiting = gauge("radixserve_num_queue_reqs", "Waiting requests")
         self.kv_usage = gauge("radixserve_token_usage", "Fraction of KV slots in use")
         self.hit_rate = gauge("radixserve_cache_hit_rate", "Radix cache hit rate (prompt tokens)")
+        self.spec_accept_length = gauge("radixserve_spec_accept_length",
+                                        "Speculative decoding: tokens per verify step (accepted guesses + 1)")
+        self.spec_verify_steps = gauge("radixserve_spec_verify_steps", "Speculative decoding: verify steps so far")
+        self.spec_accepted_tokens = gauge("radixserve_spec_accepted_tokens",
+                                          "Speculative decoding: accepted guesses so far")
 
     def observe_finished(self, meta: dict[str, Any], ttft: float | None) -> None:
         m = self.model_name
@@ -54,6 +59,9 @@ class ServerMetrics:
         self.waiting.labels(m).set(state["waiting_requests"])
         self.kv_usage.labels(m).set(state["kv_used_tokens"] / max(1, state["kv_capacity_tokens"]))
         self.hit_rate.labels(m).set(state["cache_hit_rate"])
+        self.spec_accept_length.labels(m).set(state["avg_spec_accept_length"])
+        self.spec_verify_steps.labels(m).set(state["spec_verify_steps"])
+        self.spec_accepted_tokens.labels(m).set(state["spec_accepted_tokens"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -108,6 +108,21 @@ class ServerArgs:
         "while a prefill runs: steadier TPOT, slower TTFT.",
     )
     disable_overlap: bool = _arg(False, "Use the plain (non-overlapped) scheduler loop.")
+
+    # Speculative decoding (managers/drafts.py).
+    speculative_algorithm: str | None = _arg(
+        None,
+        "Draft tokens and verify them in one forward: NGRAM copies what followed earlier "
+        "occurrences of the newest tokens (prompt lookup; no model). Greedy requests only; "
+        "their output is the same with or without it.",
+        choices=("NGRAM",),
+    )
+    speculative_num_draft_tokens: int = _arg(
+        8, "Tokens a verify step feeds per request: its last token plus up to this many - 1 guesses.")
+    speculative_ngram_min_match_window_size: int = _arg(
+        1, "NGRAM: the fewest newest tokens that must match an earlier occurrence.")
+    speculative_ngram_max_match_window_size: int = _arg(
+        12, "NGRAM: the most newest tokens compared when choosing between earlier occurrences.")
     enable_cpu_overlap: bool = _arg(
         False,
         "Overlap scheduling on CPU too. Off by default there: the forward thread and the "
@@ -258,6 +273,14 @@ class ServerArgs:
             )
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ValueError("--nnodes > 1 needs --dist-init-addr host:port")
+        if self.speculative_num_draft_tokens < 2:
+            raise ValueError(f"--speculative-num-draft-tokens must be >= 2 (the last token and a guess), "
+                             f"got {self.speculative_num_draft_tokens}")
+        if not 1 <= self.speculative_ngram_min_match_window_size <= self.speculative_ngram_max_match_window_size:
+            raise ValueError(
+                "--speculative-ngram-min-match-window-size must be >= 1 and <= "
+                f"--speculative-ngram-max-match-window-size, got {self.speculative_ngram_min_match_window_size} "
+                f"and {self.speculative_ngram_max_match_window_size}")
         if self.tp_size % self.ep_size:
             raise ValueError(f"--ep-size ({self.ep_size}) must divide --tp-size ({self.tp_size})")
         if self.tp_size % self.nnodes:
@@ -346,8 +369,13 @@ class ServerArgs:
         )
 
     def scheduler_config(self) -> SchedulerConfig:
-        from managers.scheduler_config import SchedulerConfig
+        from managers.scheduler_config import SchedulerConfig, SpeculativeConfig
 
+        speculative = None
+        if self.speculative_algorithm is not None:
+            speculative = SpeculativeConfig(self.speculative_algorithm, self.speculative_num_draft_tokens,
+                                            self.speculative_ngram_min_match_window_size,
+                                            self.speculative_ngram_max_match_window_size)
         return SchedulerConfig(
             max_prefill_tokens=self.max_prefill_tokens,
             chunked_prefill_size=self.chunked_prefill_size if self.chunked_prefill_enabled else None,
@@ -359,6 +387,7 @@ class ServerArgs:
             max_queued_requests=self.max_queued_requests,
             grammar_backend=self.grammar_backend,
             constrained_json_disable_any_whitespace=self.constrained_json_disable_any_whitespace,
+            speculative=speculative,
         )
 
     def tokenizer_config(self) -> TokenizerConfig:

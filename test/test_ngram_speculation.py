@@ -1,0 +1,175 @@
+"""NGRAM speculative decoding (managers/ngram_drafts.py): proposals against a
+brute-force prompt lookup; greedy outputs identical with and without it
+(batch sizes, radix cache, chunking, paging, overlap, stop conditions inside
+an accepted run, TP); acceptance counted per request and in total."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import requests
+
+from managers.io_struct import TokenizedGenerateReq
+from managers.ngram_drafts import NgramIndex, NgramProposer
+from managers.schedule_batch import Req
+from managers.sampling_params import SamplingParams
+from model_helpers import make_prompts
+from runtime.demo_model import demo_model_path
+from runtime.engine import Engine
+from runtime.server_args import ServerArgs
+from scheduler_helpers import Outcome, assert_no_leak, collect, greedy, make_scheduler, run
+from server_helpers import start_server
+
+VOCAB = 4000
+
+
+def brute_force(tokens: list[int], n: int, max_window: int, k: int) -> list[int]:
+    """The earlier occurrence (ending before the last token) of the newest
+    `n` tokens whose match runs longest (up to max_window), most recent on a
+    tie, among the last 8 occurrences; what followed it."""
+    last = len(tokens)
+    ends = [e for e in range(n, last) if tokens[e - n : e] == tokens[last - n :]][-8:]
+    best, best_end = 0, -1
+    for e in reversed(ends):
+        m = n
+        while m < max_window and e - m > 0 and tokens[e - m - 1] == tokens[last - m - 1]:
+            m += 1
+        if m > best:
+            best, best_end = m, e
+    return tokens[best_end : best_end + k] if best_end >= 0 and last > n else []
+
+
+def test_proposals_follow_the_longest_earlier_match():
+    proposer = NgramProposer(min_window=1, max_window=4, num_draft_tokens=4)
+    req = Req("r", [5, 1, 2, 3, 9, 7, 2, 3, 8, 1, 2, 3], SamplingParams())
+    # "1 2 3" matched 3 deep at position 1 beats "2 3" at position 6 (more recent, shallower).
+    assert proposer.propose(req, 10) == [9, 7, 2]
+    req.output_ids = [9]
+    assert proposer.propose(req, 2) == [7, 2]  # room caps the guesses
+    assert proposer.propose(Req("q", [1, 2, 3, 4], SamplingParams()), 5) == []  # nothing recurs
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_incremental_index_matches_brute_force(seed):
+    rng = random.Random(seed)
+    tokens = [rng.randrange(6) for _ in range(40)]
+    index = NgramIndex(2)
+    index.add(tokens[:10])
+    for end in range(10, len(tokens)):
+        assert index.continuation(5, 3) == brute_force(tokens[:end], 2, 5, 3)
+        index.add(tokens[end : end + 1])
+
+
+def _workload():
+    prompts = make_prompts([5, 30, 64, 17, 9, 40], VOCAB, seed=31)
+    repetitive = make_prompts([10], VOCAB, seed=32)[0] * 5
+    lengths = [40, 25, 60, 33, 48, 20, 64]
+    return [(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(prompts + [repetitive], lengths))]
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(tiny_qwen3):
+    sched = make_scheduler(tiny_qwen3)
+    out = {rid: o.output_ids for rid, o in run(sched, _workload()).items()}
+    sched.shutdown()
+    return out
+
+
+@pytest.mark.parametrize("options,batch", [
+    (dict(), 7), (dict(), 1), (dict(overlap=True), 3), (dict(chunk=16, page_size=16), 7), (dict(radix=False), 4),
+], ids=["all-at-once", "one-at-a-time", "overlap-3", "paged-chunked", "no-radix"])
+def test_greedy_outputs_equal_the_plain_run(tiny_qwen3, plain_outputs, options, batch):
+    sched = make_scheduler(tiny_qwen3, drafter=NgramProposer(1, 12, 6), **options)
+    workload = _workload()
+    outcomes = {}
+    for start in range(0, len(workload), batch):
+        outcomes.update(run(sched, workload[start : start + batch]))
+    assert {rid: o.output_ids for rid, o in outcomes.items()} == plain_outputs
+    stats = sched.stats()
+    assert stats["spec_verify_steps"] > 0 and stats["avg_spec_accept_length"] > 1.0
+    assert_no_leak(sched)
+    sched.shutdown()
+
+
+def test_repetitive_generation_accepts_more_than_one_token_per_step(tiny_qwen3):
+    # Greedy decoding of a random model falls into loops; NGRAM drafts them
+    # from the output so far.
+    sched = make_scheduler(tiny_qwen3, drafter=NgramProposer(1, 12, 8))
+    run(sched, [("x", make_prompts([16], VOCAB, seed=1)[0], greedy(200))])
+    stats = sched.stats()
+    assert stats["avg_spec_accept_length"] > 1.4  # seen: 1.52
+    assert_no_leak(sched)
+    sched.shutdown()
+
+
+def test_stops_inside_an_accepted_run_keep_nothing_past_them(tiny_qwen3, plain_outputs):
+    workload = _workload()
+    rid, prompt, _ = workload[2]
+    plain = plain_outputs[rid]
+    stop_at = plain[37]
+    first = plain.index(stop_at)  # the stop ends the output at its first occurrence
+    requests_ = [
+        ("stop-token", prompt, greedy(60, stop_token_ids=[stop_at])),
+        ("length", prompt, greedy(23)),
+    ]
+    sched = make_scheduler(tiny_qwen3, drafter=NgramProposer(1, 12, 8))
+    for name, ids, params in requests_:
+        sched.add_request(TokenizedGenerateReq(name, ids, params))
+    outcomes: dict[str, Outcome] = {}
+    lengths = []
+    while not sched.is_idle():
+        out = sched.step()
+        collect(outcomes, out)
+        lengths += [len(t) for t in out.new_token_ids]
+    assert outcomes["stop-token"].output_ids == plain[: first + 1]
+    assert outcomes["stop-token"].finish.kind == "stop"
+    assert outcomes["length"].output_ids == plain[:23] and outcomes["length"].finish.kind == "length"
+    assert max(lengths) > 1  # some steps returned an accepted run
+    assert_no_leak(sched)
+    sched.shutdown()
+
+
+def test_flags_are_checked():
+    path = str(demo_model_path("qwen3", "tiny"))
+    with pytest.raises(ValueError, match="--speculative-algorithm must be one of NGRAM"):
+        ServerArgs(model_path=path, speculative_algorithm="MEDUSA")
+    with pytest.raises(ValueError, match="--speculative-num-draft-tokens must be >= 2"):
+        ServerArgs(model_path=path, speculative_algorithm="NGRAM", speculative_num_draft_tokens=1)
+    with pytest.raises(ValueError, match="min-match-window-size must be >= 1 and <="):
+        ServerArgs(model_path=path, speculative_ngram_min_match_window_size=5,
+                   speculative_ngram_max_match_window_size=3)
+    config = ServerArgs(model_path=path, speculative_algorithm="NGRAM").scheduler_config().speculative
+    assert config.algorithm == "NGRAM" and config.num_draft_tokens == 8
+
+
+def test_server_reports_acceptance(tmp_path):
+    server = start_server(demo_model_path("qwen3", "tiny"), tmp_path, "--speculative-algorithm", "NGRAM")
+    try:
+        prompt = make_prompts([16], VOCAB, seed=1)[0]
+        body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 120, "temperature": 0}}
+        meta = requests.post(server.url + "/generate", json=body, timeout=120).json()["meta_info"]
+        assert meta["completion_tokens"] == 120
+        assert 0 < meta["spec_verify_ct"] and 0 < meta["spec_accepted_tokens"] < 120
+        state = requests.get(server.url + "/get_server_info", timeout=10).json()["internal_states"][0]
+        assert state["spec_verify_steps"] == meta["spec_verify_ct"]
+        assert state["avg_spec_accept_length"] == pytest.approx(1 + meta["spec_accepted_tokens"] / meta["spec_verify_ct"])
+        metrics = requests.get(server.url + "/metrics", timeout=10).text
+        assert "radixserve_spec_accept_length" in metrics
+    finally:
+        assert server.stop() == 0
+
+
+def test_tp2_drafts_agree_across_ranks():
+    path = str(demo_model_path("qwen3", "tiny"))
+    prompts = [p for _, p, _ in _workload()[:4]]
+    params = {"max_new_tokens": 30, "temperature": 0, "ignore_eos": True}
+    outputs = {}
+    for spec in (None, "NGRAM"):
+        engine = Engine(model_path=path, dtype="float32", max_total_tokens=4096, tp_size=2,
+                        speculative_algorithm=spec)
+        try:
+            outputs[spec] = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+        finally:
+            engine.shutdown()
+    assert outputs["NGRAM"] == outputs[None]

@@ -4,8 +4,12 @@ several tokens for a request. Speculative decoding's algorithms (n-gram,
 draft model, EAGLE) are `DraftProposer`s; the scheduler, the KV trim of
 rejected guesses and the variable-length step result are shared.
 
-Only greedy requests without penalties or logits processors get drafts: for them verification by argmax is exact, so their output is the
-same with or without guesses.
+Requests without penalties or logits processors get drafts: verification
+picks each position's token as a plain step would (sampling/verify.py), so
+their output is the same with or without guesses: token for token when
+greedy or seeded, in distribution otherwise. (Penalties and processors
+depend on the tokens before each position, which a step of several tokens
+would have to update between positions.)
 """
 
 from __future__ import annotations
@@ -28,10 +32,9 @@ class DraftProposer(Protocol):
 
 def draft_room(req: Req) -> int:
     """How many guesses `req` may verify this step: none unless verification
-    is exact for it, and never past its last token (max_new_tokens)."""
+    keeps its output unchanged, and never past its last token (max_new_tokens)."""
     p = req.sampling_params
-    exact = p.is_greedy and not (uses_counts(p) or req.logits_processors or req.hidden)
-    if not exact:
+    if uses_counts(p) or req.logits_processors or req.hidden:
         return 0
     # This step yields up to guesses + 1 tokens.
     return max(0, p.max_new_tokens - len(req.output_ids) - 1)

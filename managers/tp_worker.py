@@ -35,15 +35,18 @@ class TpModelWorker:
         """`top_logprobs_num` -1: no logprobs; 0: the sampled token's only; k: also the top k."""
         logits = self.model_runner.forward(batch)
         ids = self.model_runner.sample(logits, batch)
+        drafted = batch.draft_lens_cpu is not None
+        choices = self.model_runner.sample_guess_positions(logits.verify_logits, batch) if drafted else None
         if self.tp_group is not None:
             # Every rank sampled from the same gathered logits, but random
             # draws need not agree: rank 0's ids are the ones all ranks keep.
-            ids = self.tp_group.broadcast_tensor(ids.contiguous())
+            picked = ids if choices is None else torch.cat([ids, choices])
+            picked = self.tp_group.broadcast_tensor(picked.contiguous())
+            ids, choices = (picked, None) if choices is None else (picked[: len(ids)], picked[len(ids) :])
         self.model_runner.record_sampled(batch, ids)
         result, token_logits = StepResult(ids), logits.next_token_logits
-        if batch.draft_lens_cpu is not None:
-            # Greedy verification is an argmax of logits every rank holds alike.
-            tokens, counts, sources = accept_drafts(logits.verify_logits, batch.input_ids,
+        if drafted:
+            tokens, counts, sources = accept_drafts(choices, batch.input_ids,
                                                     batch.extend_seq_lens_cpu, batch.draft_lens_cpu, ids)
             result = StepResult(tokens, counts)
             if top_logprobs_num >= 0:

@@ -7,6 +7,7 @@ test) owns which slots belong to which sequence.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -199,6 +200,24 @@ class ModelRunner:
         else:
             return torch.argmax(logits.next_token_logits, dim=-1)
         return self.sampler(logits.next_token_logits, info)
+
+    @torch.inference_mode()
+    def sample_guess_positions(self, verify_logits: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The token each drafted row's request samples at each guess position
+        ([sum(draft_lens)] int64, batch order), as a plain decode step at that
+        output position would: greedy rows take the argmax, sampled rows draw
+        with their parameters and, if seeded, the seed of that position."""
+        plan = batch.sampling_plan
+        if plan is None or plan.draft_lens is None or plan.flags.is_all_greedy:
+            return verify_logits.argmax(dim=-1)
+        draft_lens = plan.draft_lens
+        rows = torch.repeat_interleave(plan.rows, torch.tensor(draft_lens, dtype=torch.int64))
+        output_lens = [n - d + j for n, d in zip(plan.output_lens, draft_lens) for j in range(d)]
+        seeds = [seed for seed, d in zip(plan.seeds, draft_lens) for _ in range(d)]
+        # Rows with penalties or logits processors never draft (managers/drafts.py).
+        flags = dataclasses.replace(plan.flags, frequency=False, presence=False, repetition=False)
+        info = self.sampling_rows.batch_info(rows.to(self.device), flags, seeds, output_lens)
+        return self.sampler(verify_logits, info)
 
     @torch.inference_mode()
     def record_sampled(self, batch: ForwardBatch, token_ids: torch.Tensor) -> None:

@@ -66,3 +66,7 @@ class SamplingPlan:
     joins: RowJoins | None
     counted: Tensor  # [K] int64 (host): batch rows whose sampled token the request keeps
     adjustments: PendingAdjustments | None = None
+    # Per row, guesses it verifies this step (None: none do). A drafted row's
+    # output_lens already count them: its next-token row samples the token
+    # after its last guess; its guess positions sample the ones before.
+    draft_lens: list[int] | None = None

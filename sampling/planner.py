@@ -39,15 +39,18 @@ class SamplingPlanner:
             self.occupants[r.req_pool_idx] = r
         kept = [i for i, (r, partial) in enumerate(zip(reqs, batch.partial_chunk))
                 if not partial and r.sampling_params.max_new_tokens > 0]
+        drafts = batch.draft_lens or [0] * len(reqs)
         plan = SamplingPlan(
             rows=torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64),
             flags=SamplingFlags.of(params, self.vocab_size),
             seeds=[p.seed for p in params],
             # Under overlap a request's newest token may still be in flight;
             # the seeded sampler must count it (same draws as the plain loop).
-            output_lens=[len(r.output_ids) + (r.pending_placeholder is not None) for r in reqs],
+            # A drafted row's next token comes after its guesses (plan.py).
+            output_lens=[len(r.output_ids) + (r.pending_placeholder is not None) + d for r, d in zip(reqs, drafts)],
             joins=self._joins(joining) if joining else None,
             counted=torch.tensor(kept, dtype=torch.int64),
+            draft_lens=list(drafts) if any(drafts) else None,
         )
         if any(r.logits_processors for r in reqs):
             plan.adjustments = PendingAdjustments()

@@ -1,13 +1,22 @@
-"""Greedy verification of drafted tokens: the rows of a batch that carried
-drafts (their last token followed by `d` guesses at what comes next) keep the
+"""Verification of drafted tokens: the rows of a batch that carried drafts
+(their last token followed by `d` guesses at what comes next) keep the
 longest run of guesses the model agrees with, plus the model's own next
 token, so a step can return several tokens for one request.
 
 A drafted row's logits are scored at each of its `d + 1` input positions:
-position j predicts the token after input j. Guess j+1 is accepted while every
-earlier guess was and it equals the model's argmax at position j; the first
-disagreement is replaced by the model's choice, and if every guess held, the
-model's choice after the last one is a bonus token.
+position j predicts the token after input j. At each position the request
+picks its token as a plain decode step would there (greedy: the argmax;
+sampled: a draw from its distribution, with that position's seed). Guess
+j+1 is accepted while every earlier guess was and it equals the token picked
+at position j; the first disagreement is replaced by the picked token, and
+if every guess held, the token picked after the last one is a bonus.
+
+For a sampled request that is exactly rejection sampling with a draft that
+proposes its guess with certainty (NGRAM's): the guess is accepted with the
+target probability p(guess), and when it is not, the picked token is a draw
+from p given "not the guess", which is the residual distribution (p - q)+
+normalised. So the output has the target's distribution, token for token;
+with a seed, the very tokens of the run without drafts.
 """
 
 from __future__ import annotations
@@ -16,15 +25,16 @@ import torch
 from torch import Tensor
 
 
-def accept_drafts(verify_logits: Tensor, input_ids: Tensor, extend_lens: list[int], draft_lens: list[int],
+def accept_drafts(choices: Tensor, input_ids: Tensor, extend_lens: list[int], draft_lens: list[int],
                   next_ids: Tensor) -> tuple[Tensor, list[int], list[int]]:
     """(tokens of every row, flattened in batch order; tokens per row; for
     each token, the row of `cat([next-token logits, verify_logits])` that
     chose it, for its logprob).
 
-    `verify_logits` [sum(draft_lens), V]: logits at each drafted row's last
-    token and all but its last draft (batch order); `next_ids` [B]: the token
-    sampled at each row's last position (the bonus when all drafts hold).
+    `choices` [sum(draft_lens)]: the token picked at each drafted row's last
+    token and all but its last draft (batch order; `verify_logits` rows);
+    `next_ids` [B]: the token picked at each row's last position (the bonus
+    when all drafts hold).
     One host read of the agreement pattern: the counts decide the shapes."""
     starts, offset = [], 0
     for n in extend_lens:
@@ -32,7 +42,6 @@ def accept_drafts(verify_logits: Tensor, input_ids: Tensor, extend_lens: list[in
         offset += n
     guess_index = [s + 1 + j for s, d in zip(starts, draft_lens) for j in range(d)]
     guesses = input_ids[torch.tensor(guess_index, dtype=torch.int64, device=input_ids.device)]
-    choices = verify_logits.argmax(dim=-1)
     agree = (choices == guesses).tolist()
     pieces, counts, sources, k = [], [], [], 0
     batch = len(draft_lens)

@@ -163,13 +163,90 @@ def test_server_reports_acceptance(tmp_path):
 def test_tp2_drafts_agree_across_ranks():
     path = str(demo_model_path("qwen3", "tiny"))
     prompts = [p for _, p, _ in _workload()[:4]]
-    params = {"max_new_tokens": 30, "temperature": 0, "ignore_eos": True}
+    greedy_params = {"max_new_tokens": 30, "temperature": 0, "ignore_eos": True}
+    # Sampled draws at the guess positions come from rank 0, like every sampled token.
+    sampled_params = {"max_new_tokens": 30, "temperature": 0.8, "top_k": 20, "seed": 5, "ignore_eos": True}
     outputs = {}
     for spec in (None, "NGRAM"):
         engine = Engine(model_path=path, dtype="float32", max_total_tokens=4096, tp_size=2,
                         speculative_algorithm=spec)
         try:
-            outputs[spec] = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+            outputs[spec] = [[o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+                             for params in (greedy_params, sampled_params)]
+            info = engine.get_server_info()["internal_states"][0]
         finally:
             engine.shutdown()
     assert outputs["NGRAM"] == outputs[None]
+    assert info["spec_accepted_tokens"] > 0
+
+
+# ---- sampled requests --------------------------------------------------------
+
+
+def test_seeded_sampled_outputs_equal_the_plain_run(tiny_qwen3):
+    """Each guess position samples with the seed of its output position, so a
+    seeded request's tokens are the plain run's, whatever was accepted."""
+    prompts = make_prompts([12, 33], VOCAB, seed=41) + [make_prompts([6], VOCAB, seed=42)[0] * 6]
+    requests_ = [(f"s{i}-{seed}", p, SamplingParams(max_new_tokens=40, temperature=0.7, top_p=0.95, top_k=40,
+                                                       seed=seed))
+                 for i, p in enumerate(prompts) for seed in range(4)]
+    plain = make_scheduler(tiny_qwen3)
+    want = {rid: o.output_ids for rid, o in run(plain, requests_).items()}
+    plain.shutdown()
+    for options in (dict(), dict(overlap=True)):
+        sched = make_scheduler(tiny_qwen3, drafter=NgramProposer(1, 12, 6), **options)
+        assert {rid: o.output_ids for rid, o in run(sched, requests_).items()} == want
+        assert sched.stats()["spec_accepted_tokens"] > 0
+        assert_no_leak(sched)
+        sched.shutdown()
+
+
+class FixedGuesses:
+    """Guesses `tokens` at the second output position, nothing elsewhere."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+
+    def propose(self, req, max_tokens: int) -> list[int]:
+        return self.tokens[:max_tokens] if len(req.output_ids) == 1 else []
+
+
+def test_rejection_sampling_keeps_the_target_distribution(tiny_qwen3):
+    """Unseeded requests whose second token is verified against a fixed
+    guess: among runs whose first token is the likeliest, the second token's
+    empirical distribution matches the model's (temperature 1, top-4, so 4
+    outcomes), by a chi-square test at significance 0.001 (critical value
+    16.27 for 3 degrees of freedom). The guess is the second likeliest token:
+    accepted about as often as it is likely, the rest drawn from the residual."""
+    import torch
+
+    from model_executor.batch_runner import BatchRunner
+    from model_helpers import make_runner
+
+    prompt = make_prompts([10], VOCAB, seed=43)[0]
+    runner = make_runner(tiny_qwen3)
+    batch = BatchRunner(runner)
+    seq = batch.add_sequence()
+    out, _ = batch.extend([seq], [prompt])
+    first = int(out.next_token_logits[0].argmax())
+    out, _ = batch.extend([seq], [[first]])
+    batch.release_all()
+    probs = torch.softmax(out.next_token_logits[0].float(), dim=-1)
+    top_probs, top_ids = probs.topk(4)
+    target = (top_probs / top_probs.sum()).tolist()
+    guess = int(top_ids[1])
+
+    # Three tokens: after the first, room for one guess (and the bonus token after it).
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=4, ignore_eos=True)
+    sched = make_scheduler(tiny_qwen3, drafter=FixedGuesses([guess, guess]), max_running=64)
+    outcomes = run(sched, [(f"u{i}", prompt, params) for i in range(1200)])
+    seconds = [o.output_ids[1] for o in outcomes.values() if o.output_ids[0] == first]
+    assert sched.stats()["spec_verify_steps"] >= len(seconds)  # every one of them was verified
+    assert_no_leak(sched)
+    sched.shutdown()
+    n = len(seconds)
+    assert n >= 200
+    observed = [seconds.count(int(t)) for t in top_ids]
+    assert sum(observed) == n  # nothing outside the top 4
+    chi2 = sum((o - n * p) ** 2 / (n * p) for o, p in zip(observed, target))
+    assert chi2 < 16.27, (observed, [round(n * p, 1) for p in target])

@@ -145,7 +145,7 @@ def test_logprobs_of_accepted_tokens_equal_the_plain_runs(tiny_qwen3):
     sched.shutdown()
 
 
-def test_sampled_and_penalised_requests_get_no_guesses(tiny_qwen3):
+def test_penalised_and_processed_requests_get_no_guesses(tiny_qwen3):
     prompt = make_prompts([9], VOCAB, seed=94)[0]
     asked = []
 
@@ -158,7 +158,9 @@ def test_sampled_and_penalised_requests_get_no_guesses(tiny_qwen3):
     run(sched, [("sampled", prompt, SamplingParams(max_new_tokens=4, temperature=0.9, seed=1)),
                 ("penalised", prompt, greedy(4, repetition_penalty=1.2)),
                 ("banning", prompt, greedy(4, logit_bias={"5": -100}))])
-    assert asked == []
+    # Sampled requests verify by sampling each position (sampling/verify.py);
+    # penalties and logits processors would change between positions.
+    assert set(asked) == {"sampled"}
     assert_no_leak(sched)
     sched.shutdown()
 
@@ -173,7 +175,7 @@ def test_acceptance_is_the_longest_agreeing_run_plus_one(draft_lens: list[int], 
     input_ids = torch.randint(0, vocab, (sum(extend_lens),), generator=gen)
     verify_logits = torch.randn(sum(draft_lens), vocab, generator=gen)
     next_ids = torch.randint(0, vocab, (len(draft_lens),), generator=gen)
-    tokens, counts, _sources = accept_drafts(verify_logits, input_ids, extend_lens, draft_lens, next_ids)
+    tokens, counts, _sources = accept_drafts(verify_logits.argmax(-1), input_ids, extend_lens, draft_lens, next_ids)
     want, start, k = [], 0, 0
     for row, d in enumerate(draft_lens):
         choices = verify_logits[k : k + d].argmax(-1).tolist() + [int(next_ids[row])]

@@ -19,12 +19,20 @@ logger = logging.getLogger(__name__)
 
 class DecodeRoom:
     def __init__(self, kv: CacheManager, queues: RequestQueues, new_batch: Callable[[list[Req]], ScheduleBatch],
-                 drafter: DraftProposer | None = None) -> None:
+                 drafter: DraftProposer | None = None,
+                 share: Callable[[list[list[int]] | None], list[list[int]]] | None = None) -> None:
+        """`share`: under TP with a draft model, every rank takes rank 0's drafts
+        (rank 0 passes its own, the others None)."""
         self.kv = kv
         self.queues = queues
         self.new_batch = new_batch
         self.drafter = drafter
+        self.share = share
         self.num_retractions = 0
+
+    @property
+    def drafting(self) -> bool:
+        return self.drafter is not None or self.share is not None
 
     def batch(self, decodes: list[Req]) -> ScheduleBatch:
         decodes = self._ensure_room(decodes)
@@ -62,7 +70,17 @@ class DecodeRoom:
         logger.info("retracted %s after %d tokens to free KV", req.rid, len(req.output_ids))
 
     def _drafts(self, decodes: list[Req]) -> list[list[int]] | None:
-        if self.drafter is None:
+        if not self.drafting:
             return None
-        drafts = [self.drafter.propose(r, room)[:room] if (room := draft_room(r)) else [] for r in decodes]
+        drafts = None
+        if self.drafter is not None:
+            rooms = [draft_room(r) for r in decodes]
+            propose_many = getattr(self.drafter, "propose_many", None)  # one batched draft pass
+            if propose_many is not None:
+                drafts = propose_many(decodes, rooms)
+            else:
+                drafts = [self.drafter.propose(r, room) if room else [] for r, room in zip(decodes, rooms)]
+            drafts = [d[:room] for d, room in zip(drafts, rooms)]
+        if self.share is not None:
+            drafts = self.share(drafts)
         return drafts if any(drafts) else None

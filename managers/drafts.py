@@ -14,6 +14,7 @@ would have to update between positions.)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -21,6 +22,7 @@ from sampling.batch_info import uses_counts
 
 if TYPE_CHECKING:
     from managers.scheduler_config import SpeculativeConfig
+    from model_executor.model_config import ModelRunnerConfig
     from managers.schedule_batch import Req
 
 
@@ -47,24 +49,47 @@ class AcceptanceStats:
 
     verify_steps: int = 0
     accepted_tokens: int = 0
+    drafted_tokens: int = 0
 
-    def record(self, req: Req, accepted: int) -> None:
+    def record(self, req: Req, accepted: int, drafted: int) -> None:
         req.spec_verify_ct += 1
         req.spec_accepted_tokens += accepted
         self.verify_steps += 1
         self.accepted_tokens += accepted
+        self.drafted_tokens += drafted
 
     def accept_length(self) -> float:
         """Tokens a verify step yields on average: accepted guesses plus the model's own."""
         return 1.0 + self.accepted_tokens / self.verify_steps if self.verify_steps else 0.0
 
 
-def make_drafter(config: SpeculativeConfig | None) -> DraftProposer | None:
-    """The draft source `--speculative-algorithm` names (None: no speculation)."""
+def make_drafter(config: SpeculativeConfig | None, target: ModelRunnerConfig, capacity: int,
+                 rank: int = 0) -> DraftProposer | None:
+    """The draft source `--speculative-algorithm` names (None: no speculation,
+    or a TP rank other than 0 for a draft model, whose drafts rank 0 shares)."""
     if config is None:
         return None
     if config.algorithm == "NGRAM":
         from managers.ngram_drafts import NgramProposer
 
         return NgramProposer(config.ngram_min_match_window, config.ngram_max_match_window, config.num_draft_tokens)
+    if config.algorithm == "STANDALONE":
+        if rank != 0:
+            return None
+        from managers.model_drafts import DraftModelProposer, check_draft_compatible
+        from model_executor.model_runner import ModelRunner
+
+        assert config.draft_model_path is not None
+        check_draft_compatible(target.model_path, config.draft_model_path)
+        # One draft model per server, on rank 0 alone, unsharded; its pool
+        # holds as many tokens as the target's.
+        draft = dataclasses.replace(target, model_path=config.draft_model_path, page_size=1, tp_size=1, tp_rank=0,
+                                    ep_size=1, quantization=None, disable_cuda_graph=True, max_total_tokens=capacity)
+        return DraftModelProposer(ModelRunner(draft), config.num_draft_tokens)
     raise ValueError(f"unknown speculative algorithm {config.algorithm!r}")
+
+
+def drafts_shared_from_rank_zero(config: SpeculativeConfig | None) -> bool:
+    """Whether TP ranks take rank 0's drafts (a draft model runs there only)
+    rather than each computing the same ones (NGRAM: pure, cheap)."""
+    return config is not None and config.algorithm == "STANDALONE"

@@ -89,7 +89,7 @@ class ResultProcessor:
             if guesses:
                 # KV stays for the tokens kept (all but the newest, as always).
                 self.kv.trim(req, len(req.origin_input_ids) + len(req.output_ids) - 1)
-                self.spec.record(req, accepted=len(row_tokens) - 1)
+                self.spec.record(req, accepted=len(row_tokens) - 1, drafted=guesses)
             if not decoding:
                 self.admission.drop_claim(req)
             if req.finished():

@@ -40,7 +40,7 @@ import torch
 
 from managers.cache_manager import CacheManager
 from managers.decode_room import DecodeRoom
-from managers.drafts import DraftProposer, make_drafter
+from managers.drafts import DraftProposer, drafts_shared_from_rank_zero, make_drafter
 from managers.io_struct import AbortReq, BatchTokenIDOut, FinishReason, TokenizedGenerateReq
 from managers.iteration_timings import IterationTimings
 from managers.output_report import OutputReport
@@ -105,11 +105,17 @@ class Scheduler:
             eos_token_ids, self._report, self.grammars, wait_for_grammars=tp_group is not None and tp_group.size > 1)
         self.admission = PrefillAdmission(config, self.kv, SchedulePolicy(config.schedule_policy, self.tree_cache),
                                           self.max_running_requests, self._new_batch)
-        drafter = drafter or make_drafter(config.speculative)
-        if drafter is not None and config.enable_overlap:
+        rank = tp_group.rank if tp_group is not None else 0
+        drafter = drafter or make_drafter(config.speculative, runner_config, self.capacity, rank)
+        share = None
+        if tp_group is not None and tp_group.size > 1 and drafts_shared_from_rank_zero(config.speculative):
+            share = tp_group.broadcast_object
+        if (drafter is not None or share is not None) and config.enable_overlap and rank == 0:
             logger.info("speculative decoding with overlap scheduling: a step drafts from the previous "
                         "step's tokens, so it waits for them (no overlap on decode steps that draft)")
-        self.decode = DecodeRoom(self.kv, self.queues, self._new_batch, drafter)
+        if hasattr(drafter, "release"):  # a draft model's KV goes with the request's
+            self.kv.release_hooks.append(drafter.release)
+        self.decode = DecodeRoom(self.kv, self.queues, self._new_batch, drafter, share)
         self.sampling = SamplingPlanner(self.vocab_size)
         # Whatever is kept per request lets go of it with its KV.
         self.kv.release_hooks += [self.sampling.leave, self.admission.drop_claim]
@@ -159,6 +165,7 @@ class Scheduler:
             **({"expert_load": expert_load.snapshot()} if expert_load is not None else {}),
             "spec_verify_steps": self.spec.verify_steps,
             "spec_accepted_tokens": self.spec.accepted_tokens,
+            "spec_drafted_tokens": self.spec.drafted_tokens,
             "avg_spec_accept_length": self.spec.accept_length(),
             "running_requests": len(self.running),
             # Includes requests finishing in the batch still in flight (overlap).
@@ -188,7 +195,7 @@ class Scheduler:
             # Nothing else to do: wait a little for a grammar rather than spin.
             idle = not (self.waiting or self.running or self.chunked_req or self.inflight)
             self.intake.poll_grammars(wait_s=0.005 if idle else 0.0)
-            if self.inflight is not None and self.decode.drafter is not None:
+            if self.inflight is not None and self.decode.drafting:
                 # Guesses follow each request's newest token: read it first.
                 self._process_result(self.inflight, self._wait_result(), None)
                 self.inflight = None

@@ -13,8 +13,9 @@ class SpeculativeConfig:
     """Speculative decoding (managers/drafts.py): which draft source, and how
     many tokens a verify step feeds per request (its last token + guesses)."""
 
-    algorithm: str  # "NGRAM"
+    algorithm: str  # "NGRAM" or "STANDALONE"
     num_draft_tokens: int = 8
+    draft_model_path: str | None = None  # STANDALONE
     # NGRAM: shortest and longest run of newest tokens matched against earlier ones.
     ngram_min_match_window: int = 1
     ngram_max_match_window: int = 12

@@ -100,6 +100,25 @@ class BatchRunner:
         )
         return self.runner.forward(batch), batch
 
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Drop the sequence's tokens from `length` on, giving their KV slots
+        back (a draft model's rejected guesses). Page size 1 only: a cut
+        inside a page would leave it half owned."""
+        if self.runner.config.page_size != 1:
+            raise ValueError("truncate needs page size 1")
+        seq = self.sequences[seq_id]
+        if length >= seq.length:
+            return
+        table = self.runner.req_to_token_pool.req_to_token
+        dropped = table[seq.row, length : seq.length].to(torch.int64)
+        owned = torch.cat(seq.owned_slots) if seq.owned_slots else dropped[:0]
+        if not torch.isin(dropped, owned).all():
+            raise ValueError("cannot truncate into a shared prefix")
+        self.runner.token_to_kv_pool_allocator.free(dropped.to(owned.device))
+        kept = owned[~torch.isin(owned, dropped.to(owned.device))]
+        seq.owned_slots = [kept] if kept.numel() else []
+        seq.length = length
+
     def release(self, seq_id: int) -> None:
         seq = self.sequences.pop(seq_id)
         if seq.owned_slots:

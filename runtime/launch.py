@@ -114,6 +114,11 @@ def launch_children(server_args) -> ChildProcesses:
     check_model_files(server_args)
     # Refuse a --tp-size the model cannot split before any rank starts.
     check_tp_layout(server_args.model_path, server_args.tp_size, server_args.ep_size)
+    if server_args.speculative_draft_model_path is not None:
+        from managers.model_drafts import check_draft_compatible
+
+        # A draft with another vocabulary is refused before any rank loads.
+        check_draft_compatible(server_args.model_path, server_args.speculative_draft_model_path)
     dist_init_addr = server_args.dist_init_addr
     if server_args.tp_size > 1 and dist_init_addr is None:
         dist_init_addr = f"127.0.0.1:{free_port()}"

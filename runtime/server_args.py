@@ -113,12 +113,18 @@ class ServerArgs:
     speculative_algorithm: str | None = _arg(
         None,
         "Draft tokens and verify them in one forward: NGRAM copies what followed earlier "
-        "occurrences of the newest tokens (prompt lookup; no model). Greedy requests only; "
-        "their output is the same with or without it.",
-        choices=("NGRAM",),
+        "occurrences of the newest tokens (prompt lookup; no model); STANDALONE asks a small "
+        "draft model (--speculative-draft-model-path, same vocabulary). Outputs are unchanged: "
+        "the same tokens for greedy and seeded requests, the same distribution for sampled ones "
+        "(requests with penalties or logits processors are not drafted).",
+        choices=("NGRAM", "STANDALONE"),
     )
-    speculative_num_draft_tokens: int = _arg(
-        8, "Tokens a verify step feeds per request: its last token plus up to this many - 1 guesses.")
+    speculative_draft_model_path: str | None = _arg(None, "STANDALONE: the draft model's checkpoint.")
+    speculative_num_steps: int | None = _arg(
+        None, "Guesses per request and step (a chain); sets --speculative-num-draft-tokens to this + 1.")
+    speculative_num_draft_tokens: int | None = _arg(
+        None, "Tokens a verify step feeds per request: its last token plus up to this many - 1 guesses "
+        "(default 8 for NGRAM, 4 for STANDALONE).")
     speculative_ngram_min_match_window_size: int = _arg(
         1, "NGRAM: the fewest newest tokens that must match an earlier occurrence.")
     speculative_ngram_max_match_window_size: int = _arg(
@@ -273,6 +279,17 @@ class ServerArgs:
             )
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ValueError("--nnodes > 1 needs --dist-init-addr host:port")
+        if self.speculative_num_draft_tokens is None:
+            if self.speculative_num_steps is not None:
+                self.speculative_num_draft_tokens = self.speculative_num_steps + 1
+            else:
+                self.speculative_num_draft_tokens = 4 if self.speculative_algorithm == "STANDALONE" else 8
+        elif self.speculative_num_steps is not None and self.speculative_num_draft_tokens != self.speculative_num_steps + 1:
+            raise ValueError(f"--speculative-num-draft-tokens ({self.speculative_num_draft_tokens}) must be "
+                             f"--speculative-num-steps + 1 ({self.speculative_num_steps + 1}) for a chain of guesses")
+        if (self.speculative_algorithm == "STANDALONE") != (self.speculative_draft_model_path is not None):
+            raise ValueError("--speculative-draft-model-path goes with --speculative-algorithm STANDALONE "
+                             "(and STANDALONE needs it)")
         if self.speculative_num_draft_tokens < 2:
             raise ValueError(f"--speculative-num-draft-tokens must be >= 2 (the last token and a guess), "
                              f"got {self.speculative_num_draft_tokens}")
@@ -374,6 +391,7 @@ class ServerArgs:
         speculative = None
         if self.speculative_algorithm is not None:
             speculative = SpeculativeConfig(self.speculative_algorithm, self.speculative_num_draft_tokens,
+                                            self.speculative_draft_model_path,
                                             self.speculative_ngram_min_match_window_size,
                                             self.speculative_ngram_max_match_window_size)
         return SchedulerConfig(

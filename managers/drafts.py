@@ -63,6 +63,29 @@ class AcceptanceStats:
         return 1.0 + self.accepted_tokens / self.verify_steps if self.verify_steps else 0.0
 
 
+@dataclass
+class GuessBudget:
+    """How many guesses a request gets, adapted to how its last ones fared:
+    all accepted, twice as many next time (up to the cap); some rejected, one
+    more than were accepted. A verify step's cost grows with its rows (on
+    this CPU a second row is nearly free, eight cost ~1.6x a decode step, and
+    a draft model pays a forward per guess: benchmark/RESULTS.md), so
+    guessing long only pays where guesses hold. Kept in a draft source's
+    per-request state."""
+
+    budget: int = 1
+    proposed: int = 0  # guesses in the last proposal
+    verify_ct: int = 0  # the request's counts when it was made
+    accepted: int = 0
+
+    def next(self, req: Req, cap: int) -> int:
+        if req.spec_verify_ct > self.verify_ct and self.proposed:  # the last proposal was verified
+            accepted = req.spec_accepted_tokens - self.accepted
+            self.budget = min(cap, 2 * self.proposed) if accepted >= self.proposed else accepted + 1
+        self.verify_ct, self.accepted = req.spec_verify_ct, req.spec_accepted_tokens
+        return max(1, min(self.budget, cap))
+
+
 def make_drafter(config: SpeculativeConfig | None, target: ModelRunnerConfig, capacity: int,
                  rank: int = 0) -> DraftProposer | None:
     """The draft source `--speculative-algorithm` names (None: no speculation,

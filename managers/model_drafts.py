@@ -11,7 +11,8 @@ rebuilt from the request's tokens whenever it is gone: after a retraction,
 or after the draft pool ran out (then every draft sequence is dropped and
 that round drafts nothing).
 
-A guess is the draft's argmax, a proposal made with certainty, so a sampled
+How many guesses a request gets adapts to how its last ones fared
+(`GuessBudget`): each costs a draft forward. A guess is the draft's argmax, a proposal made with certainty, so a sampled
 request verifies it by sampling at the guess position (exact rejection
 sampling for such a draft): lossless for greedy and sampled requests alike.
 """
@@ -24,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from managers.drafts import GuessBudget
 from model_executor.batch_runner import BatchRunner
 from model_executor.model_runner import ModelRunner
 
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 class DraftSequence:
     seq_id: int
     tokens: list[int] = field(default_factory=list)  # whose KV the draft pool holds
+    budget: GuessBudget = field(default_factory=GuessBudget)  # guesses per round, adapted
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -60,13 +63,16 @@ class DraftModelProposer:
         return self.propose_many([req], [max_tokens])[0]
 
     def propose_many(self, reqs: list[Req], rooms: list[int]) -> list[list[int]]:
-        wanted = [min(room, self.max_guesses) for room in rooms]
-        active = [i for i, n in enumerate(wanted) if n > 0]
         guesses: list[list[int]] = [[] for _ in reqs]
-        if not active:
-            return guesses
         try:
-            self._draft(reqs, wanted, active, guesses)
+            wanted = [min(room, self._sequence(req).budget.next(req, self.max_guesses)) if room else 0
+                      for req, room in zip(reqs, rooms)]
+            for req, n in zip(reqs, wanted):
+                if n:
+                    req.draft_state.budget.proposed = n
+            active = [i for i, n in enumerate(wanted) if n > 0]
+            if active:
+                self._draft(reqs, wanted, active, guesses)
         except RuntimeError as err:  # the draft pool or its request rows ran out
             logger.info("draft model out of room (%s): dropping its sequences, no guesses this step", err)
             self.release_all()

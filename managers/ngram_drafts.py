@@ -9,12 +9,17 @@ last `CANDIDATES` times), built incrementally as tokens arrive, so a
 proposal costs O(candidates x max_window), not a scan of the sequence. Of
 the candidates, the one whose match with the newest tokens runs longest
 (up to `max_window`) wins; on a tie, the most recent.
+
+How many guesses a request gets adapts to how its last ones fared
+(`GuessBudget`, managers/drafts.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from managers.drafts import GuessBudget
 
 if TYPE_CHECKING:
     from managers.schedule_batch import Req
@@ -30,6 +35,7 @@ class NgramIndex:
     tokens: list[int] = field(default_factory=list)
     ends: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
     outputs_seen: int = 0
+    budget: GuessBudget = field(default_factory=GuessBudget)
 
     def add(self, new_tokens: list[int]) -> None:
         """Append tokens; index the n-grams ending before the last token (the
@@ -75,4 +81,6 @@ class NgramProposer:
         if index.outputs_seen < len(req.output_ids):
             index.add(req.output_ids[index.outputs_seen :])
             index.outputs_seen = len(req.output_ids)
-        return index.continuation(self.max_window, min(max_tokens, self.max_guesses))
+        guesses = index.continuation(self.max_window, min(max_tokens, index.budget.next(req, self.max_guesses)))
+        index.budget.proposed = len(guesses)
+        return guesses

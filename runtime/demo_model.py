@@ -71,6 +71,10 @@ SIZES = MappingProxyType({
     "small": MappingProxyType(dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                    num_key_value_heads=4, head_dim=64, intermediate_size=2048,
                                    max_position_embeddings=4096)),
+    # A draft model for `small` (speculative decoding): tiny's body, small's vocabulary and tokenizer.
+    "draft": MappingProxyType(dict(vocab_size=32000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=32, intermediate_size=384,
+                                   max_position_embeddings=4096)),
 })
 # Mixture-of-experts settings per architecture and size. `small` keeps the
 # dense small model's active MLP (2 of 8 experts of 1024 = its 2048), so the

@@ -78,3 +78,15 @@ def test_bench_moe_smoke():
     # The MoE step reads more experts at batch 3 than at 1 (one per slot at most).
     assert sides[1]["moe_decode_mb_per_step"] > sides[0]["moe_decode_mb_per_step"]
     assert all(row["moe_layers"] == 3 and row["experts_ms"] > 0 and row["routing_ms"] > 0 for row in parts)
+
+
+def test_bench_speculative_smoke():
+    from benchmark import bench_speculative
+
+    result = bench_speculative.main(["--size", "tiny", "--rounds", "1", "--input-len", "32", "--output-len", "24",
+                                     "--json"])
+    rows = {(r["workload"], r["mode"]): r for r in result["results"]}
+    assert set(rows) == {(w, m) for w in ("repeat", "random") for m in ("plain", "NGRAM", "STANDALONE",
+                                                                        "STANDALONE-self")}
+    assert rows[("repeat", "STANDALONE-self")]["accept_length"] > 2  # the target as its own draft: all held
+    assert all(r["decode_ms_per_token"] > 0 for r in rows.values())

@@ -41,13 +41,34 @@ def brute_force(tokens: list[int], n: int, max_window: int, k: int) -> list[int]
 
 
 def test_proposals_follow_the_longest_earlier_match():
-    proposer = NgramProposer(min_window=1, max_window=4, num_draft_tokens=4)
-    req = Req("r", [5, 1, 2, 3, 9, 7, 2, 3, 8, 1, 2, 3], SamplingParams())
+    index = NgramIndex(1)
+    index.add([5, 1, 2, 3, 9, 7, 2, 3, 8, 1, 2, 3])
     # "1 2 3" matched 3 deep at position 1 beats "2 3" at position 6 (more recent, shallower).
-    assert proposer.propose(req, 10) == [9, 7, 2]
-    req.output_ids = [9]
-    assert proposer.propose(req, 2) == [7, 2]  # room caps the guesses
-    assert proposer.propose(Req("q", [1, 2, 3, 4], SamplingParams()), 5) == []  # nothing recurs
+    assert index.continuation(max_window=4, max_tokens=3) == [9, 7, 2]
+    assert index.continuation(max_window=2, max_tokens=3) == [8, 1, 2]  # at depth 2 they tie: the most recent
+    unique = NgramIndex(1)
+    unique.add([1, 2, 3, 4])
+    assert unique.continuation(4, 5) == []  # nothing recurs
+
+
+def test_the_guess_count_adapts_to_acceptance():
+    proposer = NgramProposer(min_window=1, max_window=4, num_draft_tokens=6)  # at most 5 guesses
+    req = Req("r", [1, 2, 3, 4, 5, 6, 7, 8, 9] * 3, SamplingParams())
+
+    def verified(accepted: int) -> None:  # what result processing records after a verify step
+        req.spec_verify_ct += 1
+        req.spec_accepted_tokens += accepted
+
+    assert len(proposer.propose(req, 10)) == 1  # a first guess
+    verified(1)
+    assert len(proposer.propose(req, 10)) == 2  # all held: twice as many
+    verified(2)
+    assert len(proposer.propose(req, 10)) == 4
+    verified(4)
+    assert len(proposer.propose(req, 10)) == 5  # capped by num_draft_tokens - 1
+    verified(2)
+    assert len(proposer.propose(req, 10)) == 3  # two held: one more than that
+    assert len(proposer.propose(req, 2)) == 2  # room caps the guesses (unverified: same budget)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -9,7 +9,8 @@ Modes, each a Scheduler in this process, alternating request by request
 - NGRAM: prompt lookup (managers/ngram_drafts.py);
 - STANDALONE: the `draft` demo model (tiny's body, small's vocabulary);
 - STANDALONE-self: the target as its own draft (every guess accepted: the
-  mechanism's cost at full acceptance; no draft is that good and free).
+  mechanism's cost at full acceptance; no draft is that good and free);
+- EAGLE: a random-weight EAGLE head for the target (runtime/demo_eagle.py).
 Workloads: "repeat" (a 32-token passage four times, what asking to repeat or
 edit a text looks like) and "random" (128 random tokens). The demo models'
 weights are random, so how often a guess holds is theirs, not a trained
@@ -19,6 +20,7 @@ model's: the acceptance lengths are reported next to the latencies.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -26,6 +28,7 @@ import time
 import torch
 
 from managers.io_struct import TokenizedGenerateReq
+from managers.eagle_drafts import EagleProposer
 from managers.model_drafts import DraftModelProposer
 from managers.ngram_drafts import NgramProposer
 from managers.sampling_params import SamplingParams
@@ -33,6 +36,7 @@ from managers.scheduler import Scheduler
 from managers.scheduler_config import SchedulerConfig
 from model_executor.model_config import ModelRunnerConfig
 from model_executor.model_runner import ModelRunner
+from runtime.demo_eagle import demo_eagle_head_path
 from runtime.demo_model import demo_model_path
 
 
@@ -47,13 +51,21 @@ def make_modes(args: argparse.Namespace) -> dict[str, Scheduler]:
         target, draft = str(demo_model_path("qwen3", "tiny")), str(demo_model_path("qwen3", "tiny", seed=1))
     else:
         target, draft = str(demo_model_path("qwen3", "small")), str(demo_model_path("qwen3", "draft"))
+    head = str(demo_eagle_head_path("qwen3", args.size))
     config = SchedulerConfig(enable_overlap=False)
     modes = {"plain": None, "NGRAM": NgramProposer(1, 12, args.num_draft_tokens)}
     if not args.skip_standalone:
         modes["STANDALONE"] = DraftModelProposer(ModelRunner(runner_config(draft, args)), args.num_draft_tokens)
         modes["STANDALONE-self"] = DraftModelProposer(ModelRunner(runner_config(target, args)),
                                                       args.num_draft_tokens)
-    return {name: Scheduler(runner_config(target, args), config, drafter=drafter) for name, drafter in modes.items()}
+        head_config = dataclasses.replace(runner_config(head, args), fallback_weight_paths=(target,))
+        modes["EAGLE"] = EagleProposer(ModelRunner(head_config), args.num_draft_tokens)
+    schedulers = {name: Scheduler(runner_config(target, args), config, drafter=drafter)
+                  for name, drafter in modes.items()}
+    if "EAGLE" in schedulers:  # what --speculative-algorithm EAGLE wires up
+        schedulers["EAGLE"].capture_hidden = True
+        schedulers["EAGLE"].results.feature_sink = modes["EAGLE"].observe
+    return schedulers
 
 
 def one_request(sched: Scheduler, prompt: list[int], output_len: int) -> dict:

@@ -21,6 +21,9 @@ class LogitsProcessorOutput:
     # Rows with drafted tokens: logits at their last input token and every
     # draft but the last, rows in batch order (sampling/verify.py).
     verify_logits: torch.Tensor | None = None  # [sum(draft_lens), vocab]
+    # The model's final hidden state at every new token, when the batch
+    # captures it (ForwardBatch.capture_hidden: an EAGLE head's input).
+    hidden_states: torch.Tensor | None = None  # [num_tokens, hidden]
 
 
 def draft_positions(extend_lens: list[int], draft_lens: list[int]) -> tuple[list[int], list[int]]:

@@ -96,18 +96,26 @@ def make_drafter(config: SpeculativeConfig | None, target: ModelRunnerConfig, ca
         from managers.ngram_drafts import NgramProposer
 
         return NgramProposer(config.ngram_min_match_window, config.ngram_max_match_window, config.num_draft_tokens)
-    if config.algorithm == "STANDALONE":
+    if config.algorithm in ("STANDALONE", "EAGLE"):
         if rank != 0:
             return None
-        from managers.model_drafts import DraftModelProposer, check_draft_compatible
+        from managers.model_drafts import check_draft_compatible
         from model_executor.model_runner import ModelRunner
 
         assert config.draft_model_path is not None
         check_draft_compatible(target.model_path, config.draft_model_path)
         # One draft model per server, on rank 0 alone, unsharded; its pool
-        # holds as many tokens as the target's.
+        # holds as many tokens as the target's. An EAGLE head takes the
+        # target's embedding and LM head where its checkpoint has none.
         draft = dataclasses.replace(target, model_path=config.draft_model_path, page_size=1, tp_size=1, tp_rank=0,
-                                    ep_size=1, quantization=None, disable_cuda_graph=True, max_total_tokens=capacity)
+                                    ep_size=1, quantization=None, disable_cuda_graph=True, max_total_tokens=capacity,
+                                    fallback_weight_paths=(target.model_path,) if config.algorithm == "EAGLE" else ())
+        if config.algorithm == "EAGLE":
+            from managers.eagle_drafts import EagleProposer
+
+            return EagleProposer(ModelRunner(draft), config.num_draft_tokens)
+        from managers.model_drafts import DraftModelProposer
+
         return DraftModelProposer(ModelRunner(draft), config.num_draft_tokens)
     raise ValueError(f"unknown speculative algorithm {config.algorithm!r}")
 
@@ -115,4 +123,4 @@ def make_drafter(config: SpeculativeConfig | None, target: ModelRunnerConfig, ca
 def drafts_shared_from_rank_zero(config: SpeculativeConfig | None) -> bool:
     """Whether TP ranks take rank 0's drafts (a draft model runs there only)
     rather than each computing the same ones (NGRAM: pure, cheap)."""
-    return config is not None and config.algorithm == "STANDALONE"
+    return config is not None and config.algorithm in ("STANDALONE", "EAGLE")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,9 @@ class ResultProcessor:
         self.overlap = overlap
         self.report = report
         self.spec = AcceptanceStats()
+        # An EAGLE drafter takes the target's hidden states of the tokens kept
+        # (req, position of the first, [n, hidden]); set by the scheduler.
+        self.feature_sink: Callable[[Req, int, torch.Tensor], None] | None = None
 
     def on_launch(self, batch: ScheduleBatch, placeholders: torch.Tensor | None) -> None:
         """State moves as if the batch had already run (overlap plans ahead)."""
@@ -68,13 +72,20 @@ class ResultProcessor:
         slots = placeholders.tolist() if placeholders is not None else [None] * len(tokens)
         drafted = batch.draft_lens or [0] * len(tokens)
         in_next = set(map(id, next_batch.reqs)) if next_batch is not None else set()
+        features = result.hidden_states if self.feature_sink is not None else None
+        starts = list(accumulate(batch.extend_lens, initial=0))
         rows = zip(batch.reqs, batch.decoding, batch.partial_chunk, tokens, slots, logprobs, drafted)
-        for req, decoding, partial, row_tokens, placeholder, row_logprobs, guesses in rows:
+        for i, (req, decoding, partial, row_tokens, placeholder, row_logprobs, guesses) in enumerate(rows):
             if req.finished():
                 # Finished in the previous batch; this one ran a spare token.
                 if id(req) not in in_next:
                     self.kv.release(req)
                 continue
+            if features is not None:
+                # The hidden states of the positions kept: a chunk's or prompt's
+                # all, a verified row's last token and accepted guesses.
+                kept = len(row_tokens) if guesses else batch.extend_lens[i]
+                self.feature_sink(req, batch.prefix_lens[i], features[starts[i] : starts[i] + kept])
             if partial:
                 if not self.overlap:
                     self.kv.cache_prefill(req)

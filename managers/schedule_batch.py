@@ -230,7 +230,7 @@ class ScheduleBatch:
         asked = [r.top_logprobs_num for r in self.reqs if r.return_logprob]
         return max(asked) if asked else -1
 
-    def forward_batch(self, sampling: SamplingPlan) -> ForwardBatch:
+    def forward_batch(self, sampling: SamplingPlan, capture_hidden: bool = False) -> ForwardBatch:
         return ForwardBatch.build(
             self.forward_mode,
             self.input_ids,
@@ -241,4 +241,5 @@ class ScheduleBatch:
             self.device,
             sampling_plan=sampling,
             draft_lens=self.draft_lens or None,
+            capture_hidden=capture_hidden,
         )

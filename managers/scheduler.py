@@ -127,6 +127,11 @@ class Scheduler:
         self.results = ResultProcessor(self.queues, self.kv, self.admission, tokenizer, config.enable_overlap,
                                        self._report)
         self.spec = self.results.spec
+        # An EAGLE head drafts from the target's hidden states: every rank
+        # captures them (same batches everywhere), rank 0's drafter reads them.
+        self.capture_hidden = config.speculative is not None and config.speculative.algorithm == "EAGLE"
+        if hasattr(drafter, "observe"):
+            self.results.feature_sink = drafter.observe
         self.inflight: _InFlight | None = None
         self.timings = IterationTimings()
 
@@ -205,7 +210,7 @@ class Scheduler:
         if batch is not None:
             with clock.phase("prepare"):
                 sampling = self.sampling.plan(batch, defer_output_readers=self.inflight is not None)
-                forward_batch = batch.forward_batch(sampling)
+                forward_batch = batch.forward_batch(sampling, capture_hidden=self.capture_hidden)
             with clock.phase("forward"):
                 placeholders = self.executor.launch(forward_batch, batch.top_logprobs_num())
             self.results.on_launch(batch, placeholders)

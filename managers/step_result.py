@@ -25,6 +25,9 @@ class StepResult:
     token_logprobs: torch.Tensor | None = None  # [T]
     top_logprobs: torch.Tensor | None = None  # [T, K]
     top_ids: torch.Tensor | None = None  # [T, K]
+    # The target's final hidden state at each new token of the batch, when it
+    # was captured (an EAGLE head's input); stays on the device.
+    hidden_states: torch.Tensor | None = None  # [num_tokens, hidden]
 
     def last_token_ids(self) -> torch.Tensor:
         """[B] each row's last token (same device as `token_ids`)."""
@@ -66,4 +69,5 @@ class StepResult:
         asynchronously: read them only after an event recorded after this call."""
         move = lambda t: None if t is None else t.to("cpu", non_blocking=non_blocking)  # noqa: E731
         return StepResult(move(self.token_ids), self.num_tokens,
-                          *(move(t) for t in (self.token_logprobs, self.top_logprobs, self.top_ids)))
+                          *(move(t) for t in (self.token_logprobs, self.top_logprobs, self.top_ids)),
+                          hidden_states=self.hidden_states)

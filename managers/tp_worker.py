@@ -52,6 +52,7 @@ class TpModelWorker:
             if top_logprobs_num >= 0:
                 index = torch.tensor(sources, dtype=torch.int64, device=token_logits.device)
                 token_logits = torch.cat([token_logits, logits.verify_logits])[index]
+        result.hidden_states = logits.hidden_states
         if top_logprobs_num < 0:
             return result
         ids = result.token_ids

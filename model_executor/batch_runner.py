@@ -60,6 +60,7 @@ class BatchRunner:
         new_tokens: Sequence[Sequence[int]],
         sampling_info: SamplingBatchInfo | None = None,
         return_all_logits: bool = False,
+        spec_hidden: torch.Tensor | None = None,
     ) -> tuple[LogitsProcessorOutput, ForwardBatch]:
         """Append `new_tokens[i]` to sequence `seq_ids[i]` and run the model.
 
@@ -97,6 +98,7 @@ class BatchRunner:
             self.runner.device,
             sampling_info=sampling_info,
             return_all_logits=return_all_logits,
+            spec_hidden=spec_hidden,
         )
         return self.runner.forward(batch), batch
 

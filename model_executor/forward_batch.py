@@ -64,6 +64,11 @@ class ForwardBatch:
     # Logits for every new token instead of only the last of each sequence
     # (prompt logprobs; parity tests).
     return_all_logits: bool = False
+    # Speculative decoding with an EAGLE head: the target hands back its
+    # final hidden state at every new token (`capture_hidden`), and the head
+    # takes such states as input next to the tokens (`spec_hidden`).
+    capture_hidden: bool = False
+    spec_hidden: torch.Tensor | None = None  # [num_tokens, hidden]
     # Filled in by the model runner just before the forward.
     req_to_token_pool: ReqToTokenPool | None = None
     kv_pool: KVPool | None = None
@@ -87,6 +92,8 @@ class ForwardBatch:
         return_all_logits: bool = False,
         sampling_plan: SamplingPlan | None = None,
         draft_lens: Sequence[int] | None = None,
+        capture_hidden: bool = False,
+        spec_hidden: torch.Tensor | None = None,
     ) -> ForwardBatch:
         """Derive positions and lengths from per-sequence prefix/extend lengths."""
         if forward_mode.is_decode() and any(n != 1 for n in extend_lens):
@@ -130,6 +137,8 @@ class ForwardBatch:
             sampling_plan=sampling_plan,
             draft_lens_cpu=list(draft_lens) if draft_lens is not None and any(draft_lens) else None,
             return_all_logits=return_all_logits,
+            capture_hidden=capture_hidden,
+            spec_hidden=spec_hidden,
         )
 
 

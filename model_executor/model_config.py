@@ -42,6 +42,9 @@ class ModelRunnerConfig:
     # None: the checkpoint's quantization_config, if any; else a format name
     # or on-the-fly int8 / fp8 (layers/quantization/registry.py).
     quantization: str | None = None
+    # Checkpoints that supply tensors this one lacks (an EAGLE head takes the
+    # target's embedding and LM head).
+    fallback_weight_paths: tuple[str, ...] = ()
     # CPU bf16 only: pack linear weights into oneDNN's layout (layers/cpu_gemm.py).
     cpu_weight_prepack: bool = True
     # With prepack and the native kernels: a second weight copy for 1-2 row

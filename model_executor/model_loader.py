@@ -92,7 +92,10 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
     quant_config: QuantizationConfig | None = None,
+    fallback_paths: tuple[str, ...] = (),
 ) -> nn.Module:
+    """`fallback_paths`: checkpoints read, after the model's own, for the
+    tensors it lacks (only those)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load format {load_format!r}; available: {', '.join(LOAD_FORMATS)}")
     model_cls = get_model_class(model_config.architecture)
@@ -111,6 +114,11 @@ def load_model(
         fill_dummy_weights(model, seed)
     else:
         loaded = model.load_weights(iterate_weights(files))
+        for path in fallback_paths:
+            lacking = model.expected_checkpoint_names() - loaded
+            if lacking:
+                loaded |= model.load_weights((name, tensor) for name, tensor in
+                                             iterate_weights(checkpoint_files(path)) if name in lacking)
         missing = sorted(model.expected_checkpoint_names() - loaded)
         if missing:
             raise ValueError(

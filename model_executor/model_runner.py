@@ -62,7 +62,7 @@ class ModelRunner:
         self.tp = tp_group.tp_context(config.ep_size) if tp_group is not None else TPContext(ep_size=config.ep_size)
         quant_config = self._quant_config(config)
         self.model = load_model(self.model_config, self.device, self.tp, config.load_format, config.random_seed,
-                                quant_config)
+                                quant_config, config.fallback_weight_paths)
         weight_bytes, dense_bytes = weight_memory(self.model)
         self.quantization_info = {**quant_config.describe(), "weight_bytes": weight_bytes}
         if config.tp_rank == 0:

@@ -114,17 +114,21 @@ class ServerArgs:
         None,
         "Draft tokens and verify them in one forward: NGRAM copies what followed earlier "
         "occurrences of the newest tokens (prompt lookup; no model); STANDALONE asks a small "
-        "draft model (--speculative-draft-model-path, same vocabulary). Outputs are unchanged: "
+        "draft model (--speculative-draft-model-path, same vocabulary); EAGLE an EAGLE head "
+        "(--speculative-draft-model-path) fed the target's hidden states. Outputs are unchanged: "
         "the same tokens for greedy and seeded requests, the same distribution for sampled ones "
         "(requests with penalties or logits processors are not drafted).",
-        choices=("NGRAM", "STANDALONE"),
+        choices=("NGRAM", "STANDALONE", "EAGLE"),
     )
-    speculative_draft_model_path: str | None = _arg(None, "STANDALONE: the draft model's checkpoint.")
+    speculative_draft_model_path: str | None = _arg(
+        None, "STANDALONE: the draft model's checkpoint; EAGLE: the head's.")
+    speculative_eagle_topk: int | None = _arg(
+        None, "EAGLE: guesses per drafting step; 1 (a chain) is what is supported.")
     speculative_num_steps: int | None = _arg(
         None, "Guesses per request and step (a chain); sets --speculative-num-draft-tokens to this + 1.")
     speculative_num_draft_tokens: int | None = _arg(
         None, "Tokens a verify step feeds per request: its last token plus up to this many - 1 guesses "
-        "(default 8 for NGRAM, 4 for STANDALONE).")
+        "(default 8 for NGRAM, 4 for STANDALONE and EAGLE).")
     speculative_ngram_min_match_window_size: int = _arg(
         1, "NGRAM: the fewest newest tokens that must match an earlier occurrence.")
     speculative_ngram_max_match_window_size: int = _arg(
@@ -283,13 +287,16 @@ class ServerArgs:
             if self.speculative_num_steps is not None:
                 self.speculative_num_draft_tokens = self.speculative_num_steps + 1
             else:
-                self.speculative_num_draft_tokens = 4 if self.speculative_algorithm == "STANDALONE" else 8
+                self.speculative_num_draft_tokens = 8 if self.speculative_algorithm == "NGRAM" else 4
         elif self.speculative_num_steps is not None and self.speculative_num_draft_tokens != self.speculative_num_steps + 1:
             raise ValueError(f"--speculative-num-draft-tokens ({self.speculative_num_draft_tokens}) must be "
                              f"--speculative-num-steps + 1 ({self.speculative_num_steps + 1}) for a chain of guesses")
-        if (self.speculative_algorithm == "STANDALONE") != (self.speculative_draft_model_path is not None):
-            raise ValueError("--speculative-draft-model-path goes with --speculative-algorithm STANDALONE "
-                             "(and STANDALONE needs it)")
+        if (self.speculative_algorithm in ("STANDALONE", "EAGLE")) != (self.speculative_draft_model_path is not None):
+            raise ValueError("--speculative-draft-model-path goes with --speculative-algorithm STANDALONE or "
+                             "EAGLE (and they need it)")
+        if self.speculative_eagle_topk not in (None, 1):
+            raise ValueError(f"--speculative-eagle-topk {self.speculative_eagle_topk}: only 1 (a chain of guesses) "
+                             "is supported, not a tree")
         if self.speculative_num_draft_tokens < 2:
             raise ValueError(f"--speculative-num-draft-tokens must be >= 2 (the last token and a guess), "
                              f"got {self.speculative_num_draft_tokens}")

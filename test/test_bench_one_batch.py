@@ -87,6 +87,6 @@ def test_bench_speculative_smoke():
                                      "--json"])
     rows = {(r["workload"], r["mode"]): r for r in result["results"]}
     assert set(rows) == {(w, m) for w in ("repeat", "random") for m in ("plain", "NGRAM", "STANDALONE",
-                                                                        "STANDALONE-self")}
+                                                                        "STANDALONE-self", "EAGLE")}
     assert rows[("repeat", "STANDALONE-self")]["accept_length"] > 2  # the target as its own draft: all held
     assert all(r["decode_ms_per_token"] > 0 for r in rows.values())

@@ -103,7 +103,7 @@ def test_a_full_draft_pool_drafts_nothing_that_step(tiny_qwen3):
 
 def test_flags_and_vocabulary_are_checked(tmp_path):
     path = str(demo_model_path("qwen3", "tiny"))
-    with pytest.raises(ValueError, match="STANDALONE needs it"):
+    with pytest.raises(ValueError, match="and they need it"):
         ServerArgs(model_path=path, speculative_algorithm="STANDALONE")
     with pytest.raises(ValueError, match="must be --speculative-num-steps"):
         ServerArgs(model_path=path, speculative_algorithm="STANDALONE", speculative_draft_model_path=path,

@@ -221,7 +221,10 @@ class DecoderForCausalLM(nn.Module):
     @torch.no_grad()
     def forward(self, batch: ForwardBatch) -> LogitsProcessorOutput:
         hidden = self.model(batch.input_ids, batch.positions, batch)
-        return self.logits_processor(hidden, self.lm_head, batch)
+        out = self.logits_processor(hidden, self.lm_head, batch)
+        if batch.capture_hidden:
+            out.hidden_states = hidden
+        return out
 
     def _skipped(self, name: str) -> bool:
         # Some exporters save the rope buffer (we rebuild it); a tied head has no tensor of its own.

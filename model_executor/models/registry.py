@@ -16,6 +16,7 @@ from torch import nn
 MODEL_MODULES: MappingProxyType[str, str] = MappingProxyType(
     {
         "LlamaForCausalLM": "model_executor.models.llama",
+        "LlamaForCausalLMEagle": "model_executor.models.llama_eagle",
         "MistralForCausalLM": "model_executor.models.mistral",
         "MixtralForCausalLM": "model_executor.models.mixtral",
         "Qwen2ForCausalLM": "model_executor.models.qwen2",

@@ -88,3 +88,18 @@ def assert_no_leak(sched: Scheduler) -> None:
 
 def greedy(max_new: int, **kw) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new, temperature=0.0, **kw)
+
+
+def plain_outputs(path: pathlib.Path | str, requests: list[tuple[str, list[int], SamplingParams]]) -> dict[str, list[int]]:
+    """Output ids of `requests` run without speculation (the reference a drafter must match)."""
+    sched = make_scheduler(path)
+    out = {rid: o.output_ids for rid, o in run(sched, requests).items()}
+    sched.shutdown()
+    return out
+
+
+def drafting_workload(prompts: list[list[int]], lengths: list[int], sampled: bool = False):
+    """Requests for the speculative-decoding tests: greedy, or sampled with a seed each."""
+    params = [SamplingParams(max_new_tokens=n, temperature=0.8, top_k=30, seed=i) if sampled else greedy(n)
+              for i, n in enumerate(lengths)]
+    return [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]

@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from managers.eagle_drafts import EagleProposer
-from managers.sampling_params import SamplingParams
 from model_executor.model_config import ModelRunnerConfig
 from model_executor.model_runner import ModelRunner
 from model_helpers import make_prompts
 from runtime.demo_eagle import write_eagle_head
 from runtime.demo_model import demo_model_path
 from runtime.engine import Engine
-from scheduler_helpers import assert_no_leak, greedy, make_scheduler, run
+from scheduler_helpers import assert_no_leak, drafting_workload, greedy, make_scheduler, plain_outputs, run
 
 VOCAB = 4000
 
@@ -40,18 +39,7 @@ def _proposer(target, head) -> EagleProposer:
 
 
 def _workload(sampled: bool = False):
-    prompts = make_prompts([5, 30, 64, 17], VOCAB, seed=61) + [make_prompts([8], VOCAB, seed=62)[0] * 6]
-    lengths = [24, 40, 16, 33, 30]
-    params = [SamplingParams(max_new_tokens=n, temperature=0.8, top_k=30, seed=i) if sampled else greedy(n)
-              for i, n in enumerate(lengths)]
-    return [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
-
-
-def _plain(target, workload):
-    sched = make_scheduler(target)
-    out = {rid: o.output_ids for rid, o in run(sched, workload).items()}
-    sched.shutdown()
-    return out
+    return drafting_workload(make_prompts([5, 30, 64, 17], VOCAB, seed=61) + [make_prompts([8], VOCAB, seed=62)[0] * 6], [24, 40, 16, 33, 30], sampled)
 
 
 def _assert_head_pool_empty(proposer: EagleProposer) -> None:
@@ -89,7 +77,7 @@ def test_outputs_equal_the_plain_run(target, head, options, sampled):
     sched.results.feature_sink = proposer.observe
     # Twice: the second round's prompts hit the radix cache (no hidden states for the cached prefix).
     for _ in range(2):
-        assert {rid: o.output_ids for rid, o in run(sched, workload).items()} == _plain(target, workload)
+        assert {rid: o.output_ids for rid, o in run(sched, workload).items()} == plain_outputs(target, workload)
     _check_hidden_capture_drafts(sched)
     assert_no_leak(sched)
     _assert_head_pool_empty(proposer)
@@ -103,7 +91,7 @@ def test_retraction_rebuilds_the_head_state(target, head):
     tight = make_scheduler(target, drafter=proposer, max_total_tokens=420)
     tight.capture_hidden = True
     tight.results.feature_sink = proposer.observe
-    assert {rid: o.output_ids for rid, o in run(tight, workload).items()} == _plain(target, workload)
+    assert {rid: o.output_ids for rid, o in run(tight, workload).items()} == plain_outputs(target, workload)
     assert tight.num_retractions > 0
     assert_no_leak(tight)
     _assert_head_pool_empty(proposer)

@@ -12,29 +12,17 @@ import shutil
 import pytest
 
 from managers.model_drafts import DraftModelProposer
-from managers.sampling_params import SamplingParams
 from model_helpers import make_prompts, make_runner
 from runtime.demo_model import demo_model_path
 from runtime.engine import Engine
 from runtime.server_args import ServerArgs
-from scheduler_helpers import assert_no_leak, greedy, make_scheduler, run
+from scheduler_helpers import assert_no_leak, drafting_workload, greedy, make_scheduler, plain_outputs, run
 
 VOCAB = 4000
 
 
 def _workload(sampled: bool = False):
-    prompts = make_prompts([5, 30, 64, 17, 9], VOCAB, seed=51)
-    lengths = [24, 40, 16, 33, 28]
-    params = [SamplingParams(max_new_tokens=n, temperature=0.8, top_k=30, seed=i) if sampled else greedy(n)
-              for i, n in enumerate(lengths)]
-    return [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
-
-
-def _plain(path, workload):
-    sched = make_scheduler(path)
-    out = {rid: o.output_ids for rid, o in run(sched, workload).items()}
-    sched.shutdown()
-    return out
+    return drafting_workload(make_prompts([5, 30, 64, 17, 9], VOCAB, seed=51), [24, 40, 16, 33, 28], sampled)
 
 
 def _drafter(draft_path, tokens: int = 5) -> DraftModelProposer:
@@ -53,7 +41,7 @@ def test_the_target_as_its_own_draft_accepts_every_guess(tiny_qwen3):
     drafter = _drafter(tiny_qwen3)
     sched = make_scheduler(tiny_qwen3, drafter=drafter)
     outcomes = run(sched, workload)
-    assert {rid: o.output_ids for rid, o in outcomes.items()} == _plain(tiny_qwen3, workload)
+    assert {rid: o.output_ids for rid, o in outcomes.items()} == plain_outputs(tiny_qwen3, workload)
     stats = sched.stats()
     assert stats["spec_drafted_tokens"] > 0 and stats["spec_accepted_tokens"] == stats["spec_drafted_tokens"]
     assert_no_leak(sched)
@@ -70,7 +58,7 @@ def test_another_draft_model_leaves_outputs_unchanged(tiny_qwen3, options, sampl
     # rejected, so every step exercises the rollback of draft and target KV.
     drafter = _drafter(demo_model_path("qwen3", "tiny", seed=1))
     sched = make_scheduler(tiny_qwen3, drafter=drafter, **options)
-    assert {rid: o.output_ids for rid, o in run(sched, workload).items()} == _plain(tiny_qwen3, workload)
+    assert {rid: o.output_ids for rid, o in run(sched, workload).items()} == plain_outputs(tiny_qwen3, workload)
     assert sched.stats()["spec_verify_steps"] > 0
     assert_no_leak(sched)
     _assert_draft_pool_empty(drafter)
@@ -80,7 +68,7 @@ def test_another_draft_model_leaves_outputs_unchanged(tiny_qwen3, options, sampl
 def test_retraction_rebuilds_the_draft_state(tiny_qwen3):
     prompts = make_prompts([60 + i for i in range(16)], VOCAB, seed=52)
     workload = [(f"m{i}", p, greedy(40)) for i, p in enumerate(prompts)]
-    want = _plain(tiny_qwen3, workload)
+    want = plain_outputs(tiny_qwen3, workload)
     drafter = _drafter(tiny_qwen3, tokens=4)
     tight = make_scheduler(tiny_qwen3, drafter=drafter, max_total_tokens=420)  # about four at once
     assert {rid: o.output_ids for rid, o in run(tight, workload).items()} == want
@@ -95,7 +83,7 @@ def test_a_full_draft_pool_drafts_nothing_that_step(tiny_qwen3):
     workload = _workload()
     drafter = DraftModelProposer(make_runner(tiny_qwen3, max_total_tokens=64, max_running_requests=32), 5)
     sched = make_scheduler(tiny_qwen3, drafter=drafter)
-    assert {rid: o.output_ids for rid, o in run(sched, workload).items()} == _plain(tiny_qwen3, workload)
+    assert {rid: o.output_ids for rid, o in run(sched, workload).items()} == plain_outputs(tiny_qwen3, workload)
     assert_no_leak(sched)
     _assert_draft_pool_empty(drafter)
     sched.shutdown()

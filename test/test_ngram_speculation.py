@@ -271,3 +271,30 @@ def test_rejection_sampling_keeps_the_target_distribution(tiny_qwen3):
     assert sum(observed) == n  # nothing outside the top 4
     chi2 = sum((o - n * p) ** 2 / (n * p) for o, p in zip(observed, target))
     assert chi2 < 16.27, (observed, [round(n * p, 1) for p in target])
+
+
+def test_stop_strings_and_parallel_samples_through_the_engine():
+    """A stop string that ends inside an accepted run cuts the text (and the
+    tokens) exactly where the plain run does; n = 2 samples each equal the
+    plain run's."""
+    path = str(demo_model_path("qwen3", "tiny"))
+    prompt = "def parse(tokens):\n    for token in tokens:\n        if token == 'x':\n" * 3
+    base = {"max_new_tokens": 60, "temperature": 0}
+    results = {}
+    for spec in (None, "NGRAM"):
+        engine = Engine(model_path=path, dtype="float32", max_total_tokens=4096, speculative_algorithm=spec)
+        try:
+            free = engine.generate(prompt, base)
+            if spec is None:
+                text = free["text"]
+                stop = text[len(text) // 2 : len(text) // 2 + 3]
+            stopped = engine.generate(prompt, base | {"stop": [stop]})
+            pair = engine.generate(prompt, base | {"n": 2})
+            results[spec] = (free["text"], stopped["text"], stopped["meta_info"]["finish_reason"],
+                             [o["output_ids"] for o in pair])
+            spec_steps = engine.get_server_info()["internal_states"][0]["spec_verify_steps"]
+        finally:
+            engine.shutdown()
+    assert results["NGRAM"] == results[None]
+    assert results[None][2]["type"] == "stop" and stop not in results[None][1]
+    assert spec_steps > 0

@@ -31,6 +31,7 @@ class _Batch:
     def __init__(self, reqs: list[Req], partial: list[bool] | None = None) -> None:
         self.reqs = reqs
         self.partial_chunk = partial or [False] * len(reqs)
+        self.draft_lens: list[int] = []  # no guesses (speculative decoding)
 
 
 def make_reqs(rows: list[int]) -> list[Req]:

@@ -87,15 +87,14 @@ class EagleProposer:
             if not room or not isinstance(state, EagleState) or not state.pending:
                 continue
             tokens_needed = state.next_position + 1  # the token after the last observed position
-            tokens = req.origin_input_ids + req.output_ids
-            if len(tokens) < tokens_needed:
+            if len(req.origin_input_ids) + len(req.output_ids) < tokens_needed:
                 continue
             if state.seq_id is None:
                 state.seq_id = self.batch.add_sequence()
                 self.owners[state.seq_id] = req
             self.batch.truncate(state.seq_id, state.consumed)  # the last round's chained guesses go
             start = state.first_position + state.consumed + 1
-            feeds.append(tokens[start:tokens_needed])
+            feeds.append(req.tokens_between(start, tokens_needed))
             hidden.append(torch.cat(state.pending))
             state.consumed += len(feeds[-1])
             state.pending = []

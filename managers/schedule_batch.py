@@ -108,6 +108,12 @@ class Req:
         pending = self.pending_placeholder is not None
         return len(self.origin_input_ids) + len(self.output_ids) + pending
 
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """Sequence tokens [start, end) (prompt, then output) without joining the two lists."""
+        prompt = len(self.origin_input_ids)
+        head = self.origin_input_ids[start:min(end, prompt)] if start < prompt else []
+        return head + self.output_ids[max(start - prompt, 0) : max(end - prompt, 0)]
+
     def last_token_id(self) -> int:
         """Input of this request's next decode step (a placeholder under overlap)."""
         if self.pending_placeholder is not None:

@@ -37,3 +37,13 @@ def test_allocator_continues_the_page_from_the_slots_read():
     # Positions 6, 7 of request 0 fill its page; position 8 of each starts a fresh one.
     assert more[:2] == [int(first[5]) + 1, int(first[5]) + 2]
     assert more[2] % 4 == 0 and more[3] % 4 == 0
+
+
+def test_tokens_between_reads_across_prompt_and_output():
+    from managers.sampling_params import SamplingParams
+    from managers.schedule_batch import Req
+
+    req = Req("x", [1, 2, 3, 4], SamplingParams())
+    req.output_ids = [5, 6, 7]
+    full = [1, 2, 3, 4, 5, 6, 7]
+    assert all(req.tokens_between(a, b) == full[a:b] for a in range(8) for b in range(a, 9))

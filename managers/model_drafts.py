@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 class DraftSequence:
     seq_id: int
     tokens: list[int] = field(default_factory=list)  # whose KV the draft pool holds
+    verified: int = 0  # how many of them are the request's own (the rest: last round's guesses)
     budget: GuessBudget = field(default_factory=GuessBudget)  # guesses per round, adapted
 
 
@@ -83,15 +84,19 @@ class DraftModelProposer:
         sequences, feeds = [], []
         for i in active:
             req = reqs[i]
-            tokens = req.origin_input_ids + req.output_ids
+            length = len(req.origin_input_ids) + len(req.output_ids)
             sequence = self._sequence(req)
-            # Keep the KV that still agrees; always re-feed at least the last
-            # token, whose logits give the first guess.
-            keep = min(_common_prefix(sequence.tokens, tokens), len(tokens) - 1)
+            # Keep the KV that still agrees (a request's tokens only grow, so
+            # only last round's guesses need checking); always re-feed at
+            # least the last token, whose logits give the first guess.
+            done = sequence.verified
+            agree = _common_prefix(sequence.tokens[done:], req.tokens_between(done, length))
+            keep = min(done + agree, length - 1)
             self.batch.truncate(sequence.seq_id, keep)
-            sequence.tokens = tokens[:keep]
+            del sequence.tokens[keep:]
             sequences.append(sequence)
-            feeds.append(tokens[keep:])
+            feeds.append(req.tokens_between(keep, length))
+            sequence.verified = length
         while True:
             out, _ = self.batch.extend([s.seq_id for s in sequences], feeds)
             picks = out.next_token_logits.argmax(dim=-1).tolist()

@@ -2,6 +2,9 @@
 `small` demo model (bf16, CPU defaults), with the acceptance length.
 
     python -m benchmark.bench_speculative --output-len 128 --rounds 3
+    # GPU: a Llama-3-8B-shaped dummy target (config only), CUDA graphs on
+    python -m benchmark.bench_speculative --device cuda --load-format dummy \
+        --model-path DIR --num-draft-tokens 8 --rounds 3
 
 Modes, each a Scheduler in this process, alternating request by request
 (A B C ... A B C ...) so machine swings hit all alike:
@@ -40,19 +43,28 @@ from runtime.demo_eagle import demo_eagle_head_path
 from runtime.demo_model import demo_model_path
 
 
-def runner_config(path: str, args: argparse.Namespace, page_size: int = 1) -> ModelRunnerConfig:
+def runner_config(path: str, args: argparse.Namespace, verify_rows: int = 0) -> ModelRunnerConfig:
+    """On CUDA: the Triton backend, CUDA graphs for decode and (a target
+    that verifies guesses) for verify steps of `verify_rows` rows."""
     tokens = 4 * (args.input_len + args.output_len + 64)
-    return ModelRunnerConfig(model_path=path, dtype="bfloat16", page_size=page_size, max_total_tokens=tokens,
-                             max_running_requests=4, attention_backend="cpu")
+    cuda = args.device == "cuda"
+    return ModelRunnerConfig(model_path=path, dtype="bfloat16", device=args.device, page_size=1,
+                             max_total_tokens=tokens, max_running_requests=4,
+                             attention_backend="triton" if cuda else "cpu", load_format=args.load_format,
+                             verify_graph_rows=verify_rows if cuda else 0)
 
 
 def make_modes(args: argparse.Namespace) -> dict[str, Scheduler]:
+    config = SchedulerConfig(enable_overlap=False)
+    if args.model_path is not None:  # a given target: no draft model or head fits it, so plain and NGRAM
+        return {"plain": Scheduler(runner_config(args.model_path, args), config),
+                "NGRAM": Scheduler(runner_config(args.model_path, args, args.num_draft_tokens), config,
+                                   drafter=NgramProposer(1, 12, args.num_draft_tokens))}
     if args.size == "tiny":  # a smoke run: the tiny model, another tiny one as draft
         target, draft = str(demo_model_path("qwen3", "tiny")), str(demo_model_path("qwen3", "tiny", seed=1))
     else:
         target, draft = str(demo_model_path("qwen3", "small")), str(demo_model_path("qwen3", "draft"))
     head = str(demo_eagle_head_path("qwen3", args.size))
-    config = SchedulerConfig(enable_overlap=False)
     modes = {"plain": None, "NGRAM": NgramProposer(1, 12, args.num_draft_tokens)}
     if not args.skip_standalone:
         modes["STANDALONE"] = DraftModelProposer(ModelRunner(runner_config(draft, args)), args.num_draft_tokens)
@@ -60,7 +72,8 @@ def make_modes(args: argparse.Namespace) -> dict[str, Scheduler]:
                                                       args.num_draft_tokens)
         head_config = dataclasses.replace(runner_config(head, args), fallback_weight_paths=(target,))
         modes["EAGLE"] = EagleProposer(ModelRunner(head_config), args.num_draft_tokens)
-    schedulers = {name: Scheduler(runner_config(target, args), config, drafter=drafter)
+    schedulers = {name: Scheduler(runner_config(target, args, 0 if drafter is None else args.num_draft_tokens),
+                                  config, drafter=drafter)
                   for name, drafter in modes.items()}
     if "EAGLE" in schedulers:  # what --speculative-algorithm EAGLE wires up
         schedulers["EAGLE"].capture_hidden = True
@@ -96,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-draft-tokens", type=int, default=4, help="last token + guesses per verify step")
     parser.add_argument("--skip-standalone", action="store_true")
     parser.add_argument("--size", choices=["small", "tiny"], default="small")
+    parser.add_argument("--model-path", help="a target instead of the demo model (plain and NGRAM only), e.g. "
+                                             "a config-only folder with --load-format dummy")
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     modes = make_modes(args)
@@ -125,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(result))
         return result
-    print(f"batch 1, input {args.input_len}, output {args.output_len}, bf16, threads {result['threads']}, "
+    print(f"batch 1, input {args.input_len}, output {args.output_len}, bf16, {args.device}, "
+          f"threads {result['threads']}, "
           f"{args.num_draft_tokens} tokens per verify")
     print(f"{'workload':<10}{'mode':<17}{'ms/token':>10}{'vs plain':>10}{'accept len':>12}{'TTFT ms':>10}")
     for row in rows:

@@ -12,7 +12,8 @@ step and the report still gets written):
 2. the GPU tests (test_gpu.py: every backend against torch_native, CUDA-graph
    replay against eager decode, greedy ids against transformers, overlap
    against no overlap; plus the CPU halves in test_triton_backend.py and
-   test_cuda_graph_runner.py, and the Triton dequant-GEMM of quantized weights);
+   test_cuda_graph_runner.py and test_cuda_graph_speculative.py, and the
+   Triton dequant-GEMM of quantized weights);
 3. decode on a Llama-3-8B-shaped dummy model (`--load-format dummy`, config
    only), batch 1 and 32, CUDA graphs on and off in lock step, with the
    bandwidth-roofline share;
@@ -124,9 +125,9 @@ def plan(out: pathlib.Path, smoke: bool) -> list[Step]:
     llama = write_config(out / "models" / "llama3-8b-shape", SMOKE_LLAMA if smoke else LLAMA3_8B)
     qwen = write_config(out / "models" / "qwen3-0.6b-shape", SMOKE_QWEN3 if smoke else QWEN3_0_6B)
     tests = ["test/test_gpu.py", "test/test_triton_backend.py", "test/test_cuda_graph_runner.py",
-             "test/test_triton_quant_gemm.py", "test/test_triton_moe.py"]
+             "test/test_cuda_graph_speculative.py", "test/test_triton_quant_gemm.py", "test/test_triton_moe.py"]
     steps = [Step("gpu tests", [python, "-m", "pytest", "-q", "-x", *([tests[0]] if smoke else tests)],
-                  timeout_s=240)]
+                  timeout_s=330)]
     decode_len = ["--input-len", "16", "--output-len", "8", "--rounds", "1"] if smoke else \
         ["--input-len", "512", "--output-len", "64", "--rounds", "2"]
     for batch in (1, 32):

@@ -105,10 +105,11 @@ def make_drafter(config: SpeculativeConfig | None, target: ModelRunnerConfig, ca
         assert config.draft_model_path is not None
         check_draft_compatible(target.model_path, config.draft_model_path)
         # One draft model per server, on rank 0 alone, unsharded; its pool
-        # holds as many tokens as the target's. An EAGLE head takes the
-        # target's embedding and LM head where its checkpoint has none.
+        # holds as many tokens as the target's; its decode steps (every guess
+        # after the first) replay CUDA graphs where the target's do. An EAGLE
+        # head takes the target's embedding and LM head where its checkpoint has none.
         draft = dataclasses.replace(target, model_path=config.draft_model_path, page_size=1, tp_size=1, tp_rank=0,
-                                    ep_size=1, quantization=None, disable_cuda_graph=True, max_total_tokens=capacity,
+                                    ep_size=1, quantization=None, verify_graph_rows=0, max_total_tokens=capacity,
                                     fallback_weight_paths=(target.model_path,) if config.algorithm == "EAGLE" else ())
         if config.algorithm == "EAGLE":
             from managers.eagle_drafts import EagleProposer

@@ -61,8 +61,12 @@ class BatchRunner:
         sampling_info: SamplingBatchInfo | None = None,
         return_all_logits: bool = False,
         spec_hidden: torch.Tensor | None = None,
+        draft_lens: Sequence[int] | None = None,
+        capture_hidden: bool = False,
     ) -> tuple[LogitsProcessorOutput, ForwardBatch]:
         """Append `new_tokens[i]` to sequence `seq_ids[i]` and run the model.
+        `draft_lens[i]`: how many of those are guesses to verify (the logits
+        verification reads come back in `verify_logits`).
 
         A sequence that gets one token on top of a cached prefix is decoding;
         the batch runs as DECODE if all are, MIXED if some are, else EXTEND.
@@ -99,6 +103,8 @@ class BatchRunner:
             sampling_info=sampling_info,
             return_all_logits=return_all_logits,
             spec_hidden=spec_hidden,
+            draft_lens=draft_lens,
+            capture_hidden=capture_hidden,
         )
         return self.runner.forward(batch), batch
 

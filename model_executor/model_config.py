@@ -28,6 +28,9 @@ class ModelRunnerConfig:
     attention_backend: str = "torch_native"  # a name in layers/attention/registry.py
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 64
+    # Speculative decoding: capture verify steps of this many rows per
+    # sequence too (--speculative-num-draft-tokens; 0: decode graphs only).
+    verify_graph_rows: int = 0
     # flashinfer backend only: its float workspace (why this size:
     # layers/attention/flashinfer_backend.py, DEFAULT_WORKSPACE_MB).
     flashinfer_workspace_mb: int = 256

@@ -106,7 +106,8 @@ class ModelRunner:
             elif self.attn_backend.supports_cuda_graph:
                 from model_executor.cuda_graph_runner import CudaGraphRunner
 
-                self.cuda_graph_runner = CudaGraphRunner(self, config.cuda_graph_max_bs)
+                self.cuda_graph_runner = CudaGraphRunner(self, config.cuda_graph_max_bs,
+                                                         verify_rows=config.verify_graph_rows)
             else:
                 logger.info("the %s backend has no CUDA-graph support: decode runs eagerly", config.attention_backend)
         logger.info(

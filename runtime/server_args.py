@@ -382,6 +382,7 @@ class ServerArgs:
             attention_backend=self.attention_backend,
             disable_cuda_graph=self.disable_cuda_graph,
             cuda_graph_max_bs=self.cuda_graph_max_bs,
+            verify_graph_rows=self.speculative_num_draft_tokens if self.speculative_algorithm else 0,
             flashinfer_workspace_mb=self.flashinfer_workspace_mb,
             tp_size=self.tp_size,
             tp_rank=tp_rank,

@@ -90,3 +90,18 @@ def test_bench_speculative_smoke():
                                                                         "STANDALONE-self", "EAGLE")}
     assert rows[("repeat", "STANDALONE-self")]["accept_length"] > 2  # the target as its own draft: all held
     assert all(r["decode_ms_per_token"] > 0 for r in rows.values())
+
+
+def test_bench_speculative_on_a_config_only_target(tmp_path):
+    """The GPU run's form (a Llama-3-8B-shaped dummy target, plain against
+    NGRAM) at the GPU check's smoke shape."""
+    from benchmark import bench_speculative
+    from benchmark.gpu_check import SMOKE_LLAMA, write_config
+
+    target = write_config(tmp_path / "llama-shape", SMOKE_LLAMA)
+    result = bench_speculative.main(["--model-path", target, "--load-format", "dummy", "--rounds", "1",
+                                     "--input-len", "32", "--output-len", "16", "--num-draft-tokens", "8", "--json"])
+    rows = {(r["workload"], r["mode"]): r for r in result["results"]}
+    assert set(rows) == {(w, m) for w in ("repeat", "random") for m in ("plain", "NGRAM")}
+    assert rows[("repeat", "NGRAM")]["accept_length"] is not None
+    assert all(r["decode_ms_per_token"] > 0 for r in rows.values())

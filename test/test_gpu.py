@@ -1,9 +1,11 @@
 """GPU checks (skipped without CUDA): every backend against torch_native on
-the GPU, CUDA-graph replay against eager decode at every captured size,
-greedy ids against transformers in fp32, overlap against no overlap.
+the GPU, CUDA-graph replay against eager decode and verify steps at every
+captured size, greedy ids against transformers in fp32, overlap against no
+overlap, speculative decoding on graphs against plain decoding.
 
-The CPU-checkable halves of these live in test_triton_backend.py and
-test_cuda_graph_runner.py; this file is what the lent GPU machine runs.
+The CPU-checkable halves of these live in test_triton_backend.py,
+test_cuda_graph_runner.py and test_cuda_graph_speculative.py; this file is
+what the lent GPU machine runs.
 """
 
 from __future__ import annotations
@@ -120,6 +122,56 @@ def test_overlap_equals_no_overlap_on_gpu():
     for disable_overlap in (False, True):
         engine = Engine(model_path=path, device="cuda", dtype="float32", disable_overlap=disable_overlap,
                         max_total_tokens=4096)
+        try:
+            outputs.append([o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)])
+        finally:
+            engine.shutdown()
+    assert outputs[0] == outputs[1]
+
+
+def test_verify_graph_replay_matches_eager_at_every_captured_size():
+    path = demo_model_path("qwen3", "tiny")
+    eager = BatchRunner(_runner(path, "triton", "float32", max_running_requests=16))
+    graphed_runner = _runner(path, "triton", "float32", cuda_graph=True, max_running_requests=16,
+                             cuda_graph_max_bs=16, verify_graph_rows=4)
+    graphs = graphed_runner.cuda_graph_runner
+    assert graphs is not None and graphs.verify_batch_sizes == [1, 2, 4, 8, 16]
+    graphed = BatchRunner(graphed_runner)
+    for bs in graphs.verify_batch_sizes + [3, 13]:  # exact sizes, then padded ones
+        prompts = make_prompts([4 + 3 * i for i in range(bs)], 4096, seed=bs)
+        ids_e = [eager.add_sequence() for _ in prompts]
+        ids_g = [graphed.add_sequence() for _ in prompts]
+        eager.extend(ids_e, prompts)
+        graphed.extend(ids_g, prompts)
+        steps = make_prompts([1 + i % 4 for i in range(bs)], 4096, seed=100 + bs)  # 0 to 3 guesses each
+        drafts = [len(s) - 1 for s in steps]
+        a, _ = eager.extend(ids_e, steps, draft_lens=drafts, capture_hidden=True)
+        b, fb = graphed.extend(ids_g, steps, draft_lens=drafts, capture_hidden=True)
+        assert graphs.can_run(fb)
+        for x, y in ((a.next_token_logits, b.next_token_logits), (a.verify_logits, b.verify_logits),
+                     (a.hidden_states, b.hidden_states)):
+            assert (x - y).abs().max().item() <= 1e-3, bs
+        eager.release_all()
+        graphed.release_all()
+
+
+@pytest.mark.parametrize("algorithm", ["NGRAM", "STANDALONE", "EAGLE"])
+def test_speculative_greedy_equals_plain_with_cuda_graphs(algorithm, tmp_path):
+    """Verify steps and the draft model's decode replay graphs; greedy fp32
+    outputs stay those of plain decoding."""
+    from runtime.demo_eagle import write_eagle_head
+    from runtime.engine import Engine
+
+    path = demo_model_path("llama", "tiny")
+    draft = {"NGRAM": None, "STANDALONE": str(demo_model_path("llama", "tiny", seed=1)),
+             "EAGLE": str(write_eagle_head(path, tmp_path / "head"))}[algorithm]
+    repeat = make_prompts([8], 4000, seed=11)[0] * 4
+    prompts = [repeat, *make_prompts([9, 30], 4000, seed=12)]
+    params = {"max_new_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+    outputs = []
+    for speculative in (None, dict(speculative_algorithm=algorithm, speculative_draft_model_path=draft)):
+        engine = Engine(model_path=str(path), device="cuda", dtype="float32", attention_backend="triton",
+                        max_total_tokens=4096, **(speculative or {}))
         try:
             outputs.append([o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)])
         finally:

@@ -9,8 +9,9 @@ A backend is created once per model runner. Per step, the runner calls
 Shapes: q [num_tokens, num_heads * head_dim]; k, v [num_tokens, num_kv_heads
 * head_dim]; output [num_tokens, num_heads * head_dim].
 
-CUDA-graph hooks exist for backends that support captured decode; the
-defaults say they do not.
+CUDA-graph hooks exist for backends that support captured steps (decode,
+and verify steps: a fixed number of new tokens per sequence on a cached
+prefix, forward_mode EXTEND); the defaults say they do not.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class AttentionBackend(ABC):
     # reads K/V only from the pool.
     accepts_stored_kv: bool = False
 
-    # CUDA-graph hooks: backends that can replay captured decode override these.
+    # CUDA-graph hooks: backends that can replay captured steps override these.
     supports_cuda_graph: bool = False
 
     def init_cuda_graph_state(self, max_bs: int, max_kv_tokens: int, num_heads: int, head_dim: int) -> None:
@@ -86,5 +87,6 @@ class AttentionBackend(ABC):
 
     def init_forward_metadata_replay_cuda_graph(self, batch: ForwardBatch) -> None:
         """Refill the static buffers for `batch` (already padded to a
-        captured size) without reallocating them."""
+        captured size; DECODE, or EXTEND with the same number of new tokens
+        for every sequence) without reallocating them."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")

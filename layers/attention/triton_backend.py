@@ -71,7 +71,7 @@ class TritonAttnBackend(AttentionBackend):
             kv_indptr, kv_indices, qo_indptr, prefix_lens, max(batch.extend_seq_lens_cpu)
         )
 
-    # -- CUDA graphs (decode only) -------------------------------------------------
+    # -- CUDA graphs: decode, and verify steps (a fixed number of new tokens per sequence)
 
     supports_cuda_graph = True
 
@@ -80,8 +80,8 @@ class TritonAttnBackend(AttentionBackend):
             kv_indptr=torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
             # int32: sized for every sequence at full context, this is the big one.
             kv_indices=torch.zeros(max_kv_tokens, dtype=torch.int32, device=self.device),
-            qo_indptr=None,
-            prefix_lens=None,
+            qo_indptr=torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
+            prefix_lens=torch.zeros(max_bs, dtype=torch.int32, device=self.device),
             max_new_tokens=1,
         )
         self._decode_scratch(max_bs, num_heads, head_dim)  # sized once, before any capture
@@ -91,7 +91,8 @@ class TritonAttnBackend(AttentionBackend):
 
     def init_forward_metadata_replay_cuda_graph(self, batch: ForwardBatch) -> None:
         static = self._graph_metadata
-        assert static is not None and batch.req_to_token_pool is not None
+        assert static is not None and static.qo_indptr is not None and static.prefix_lens is not None
+        assert batch.req_to_token_pool is not None
         total = sum(batch.seq_lens_cpu)
         kv_indptr, kv_indices = build_kv_indices(
             batch.req_to_token_pool.req_to_token, batch.req_pool_indices, batch.seq_lens, total
@@ -100,8 +101,16 @@ class TritonAttnBackend(AttentionBackend):
         static.kv_indptr[: bs + 1].copy_(kv_indptr)
         static.kv_indices[:total].copy_(kv_indices)
         # The graph's kernels were captured reading these very tensors; the
-        # batch size is baked into the graph, so the slice only fixes shapes.
-        self.metadata = TritonMetadata(static.kv_indptr[: bs + 1], static.kv_indices, None, None, 1)
+        # batch size is baked into the graph, so the slices only fix shapes.
+        if batch.forward_mode.is_decode():
+            self.metadata = TritonMetadata(static.kv_indptr[: bs + 1], static.kv_indices, None, None, 1)
+            return
+        # A verify step: every sequence has the same number of new rows (its
+        # padding rows last), so the extend kernel's grid is fixed too.
+        torch.cumsum(batch.extend_seq_lens, 0, out=static.qo_indptr[1 : bs + 1])
+        static.prefix_lens[:bs].copy_(batch.extend_prefix_lens)
+        self.metadata = TritonMetadata(static.kv_indptr[: bs + 1], static.kv_indices, static.qo_indptr[: bs + 1],
+                                       static.prefix_lens[:bs], max(batch.extend_seq_lens_cpu))
 
     def _write_kv(self, k, v, layer: RadixAttention, batch: ForwardBatch, save: bool):
         assert batch.kv_pool is not None

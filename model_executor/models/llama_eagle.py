@@ -51,6 +51,8 @@ class EagleModel(nn.Module):
 
 class LlamaForCausalLMEagle(nn.Module):
     stacked_params = DecoderForCausalLM.stacked_params
+    # Every forward reads ForwardBatch.spec_hidden (CUDA graphs give it a static buffer).
+    takes_spec_hidden = True
 
     def __init__(self, config: Any, tp: TPContext | None = None,
                  quant_config: QuantizationConfig | None = None) -> None:

@@ -28,6 +28,19 @@ def tiny_qwen3() -> pathlib.Path:
     return demo_model_path("qwen3", "tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_llama() -> pathlib.Path:
+    return demo_model_path("llama", "tiny")
+
+
+@pytest.fixture(scope="session")
+def eagle_head(tiny_llama, tmp_path_factory) -> pathlib.Path:
+    """A random-weight EAGLE head for `tiny_llama` (runtime/demo_eagle.py)."""
+    from runtime.demo_eagle import write_eagle_head
+
+    return write_eagle_head(tiny_llama, tmp_path_factory.mktemp("eagle") / "head")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     # Parity tolerances are tight; keep torch's reduction order stable.

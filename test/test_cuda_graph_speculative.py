@@ -26,7 +26,6 @@ from model_executor.cuda_graph_runner import CudaGraphRunner, is_verify_shaped  
 from model_executor.model_config import ModelRunnerConfig  # noqa: E402
 from model_executor.model_runner import ModelRunner  # noqa: E402
 from model_helpers import make_prompts, make_runner  # noqa: E402
-from runtime.demo_eagle import write_eagle_head  # noqa: E402
 from runtime.demo_model import demo_model_path  # noqa: E402
 from scheduler_helpers import assert_no_leak, drafting_workload, make_scheduler, plain_outputs, run  # noqa: E402
 
@@ -120,25 +119,15 @@ def test_what_verify_graphs_take():
     assert plain.cuda_graph_runner.verify_batch_sizes == [] and not plain.cuda_graph_runner.can_run(fb)
 
 
-@pytest.fixture(scope="module")
-def target():
-    return demo_model_path("llama", "tiny")
-
-
-@pytest.fixture(scope="module")
-def head(target, tmp_path_factory):
-    return write_eagle_head(target, tmp_path_factory.mktemp("eagle") / "head")
-
-
-def _head_runner(target, head) -> ModelRunner:
-    config = ModelRunnerConfig(model_path=str(head), dtype="float32", device=DEVICE, max_total_tokens=4096,
-                               max_running_requests=8, fallback_weight_paths=(str(target),))
+def _head_runner(tiny_llama, eagle_head) -> ModelRunner:
+    config = ModelRunnerConfig(model_path=str(eagle_head), dtype="float32", device=DEVICE, max_total_tokens=4096,
+                               max_running_requests=8, fallback_weight_paths=(str(tiny_llama),))
     return ModelRunner(config)
 
 
-def test_eagle_head_decode_replays_with_the_targets_hidden_states(target, head):
-    eager = _triton(_head_runner(target, head))
-    graphed = _on_graphs(_head_runner(target, head))
+def test_eagle_head_decode_replays_with_the_targets_hidden_states(tiny_llama, eagle_head):
+    eager = _triton(_head_runner(tiny_llama, eagle_head))
+    graphed = _on_graphs(_head_runner(tiny_llama, eagle_head))
     assert graphed.cuda_graph_runner.spec_hidden is not None
     replays = _count_replays(graphed)
     hidden_size = eager.model.config.hidden_size
@@ -164,9 +153,9 @@ def test_eagle_head_decode_replays_with_the_targets_hidden_states(target, head):
         assert (a.hidden_states - b.hidden_states).abs().max().item() <= 1e-4
 
 
-def test_replayed_decode_hands_back_the_targets_hidden_states(target):
-    eager = _triton(make_runner(target, device=DEVICE, max_running_requests=8))
-    graphed = _on_graphs(make_runner(target, device=DEVICE, max_running_requests=8))
+def test_replayed_decode_hands_back_the_targets_hidden_states(tiny_llama):
+    eager = _triton(make_runner(tiny_llama, device=DEVICE, max_running_requests=8))
+    graphed = _on_graphs(make_runner(tiny_llama, device=DEVICE, max_running_requests=8))
     prompts = make_prompts([4, 9, 6], VOCAB, seed=7)
     states = []
     for runner in (eager, graphed):
@@ -200,14 +189,14 @@ def test_ngram_speculation_on_graphs_equals_the_plain_run():
     sched.shutdown()
 
 
-def test_eagle_on_graphs_equals_the_plain_run(target, head):
-    head_runner = _on_graphs(_head_runner(target, head))
+def test_eagle_on_graphs_equals_the_plain_run(tiny_llama, eagle_head):
+    head_runner = _on_graphs(_head_runner(tiny_llama, eagle_head))
     proposer = EagleProposer(head_runner, ROWS + 1)
     head_replays = _count_replays(head_runner)
     workload = drafting_workload(make_prompts([5, 11], VOCAB, seed=10), [12, 9])
-    sched, replays = _scheduler_on_graphs(target, proposer, capture_hidden=True)
+    sched, replays = _scheduler_on_graphs(tiny_llama, proposer, capture_hidden=True)
     sched.results.feature_sink = proposer.observe
-    assert {rid: o.output_ids for rid, o in run(sched, workload).items()} == plain_outputs(target, workload)
+    assert {rid: o.output_ids for rid, o in run(sched, workload).items()} == plain_outputs(tiny_llama, workload)
     assert "verify" in replays and "decode" in head_replays
     assert sched.stats()["spec_verify_steps"] > 0
     assert_no_leak(sched)

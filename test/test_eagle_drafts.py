@@ -15,26 +15,15 @@ from model_executor.model_config import ModelRunnerConfig
 from model_executor.model_runner import ModelRunner
 from model_helpers import make_prompts
 from runtime.demo_eagle import write_eagle_head
-from runtime.demo_model import demo_model_path
 from runtime.engine import Engine
 from scheduler_helpers import assert_no_leak, drafting_workload, greedy, make_scheduler, plain_outputs, run
 
 VOCAB = 4000
 
 
-@pytest.fixture(scope="module")
-def target():
-    return demo_model_path("llama", "tiny")
-
-
-@pytest.fixture(scope="module")
-def head(target, tmp_path_factory):
-    return write_eagle_head(target, tmp_path_factory.mktemp("eagle") / "head")
-
-
-def _proposer(target, head) -> EagleProposer:
-    config = ModelRunnerConfig(model_path=str(head), dtype="float32", max_total_tokens=8192,
-                               max_running_requests=32, fallback_weight_paths=(str(target),))
+def _proposer(tiny_llama, eagle_head) -> EagleProposer:
+    config = ModelRunnerConfig(model_path=str(eagle_head), dtype="float32", max_total_tokens=8192,
+                               max_running_requests=32, fallback_weight_paths=(str(tiny_llama),))
     return EagleProposer(ModelRunner(config), 5)
 
 
@@ -48,16 +37,16 @@ def _assert_head_pool_empty(proposer: EagleProposer) -> None:
     assert runner.token_to_kv_pool_allocator.available_size() == runner.max_total_num_tokens
 
 
-def test_the_head_loads_with_the_targets_embedding_and_lm_head(target, head, tmp_path):
-    proposer = _proposer(target, head)
+def test_the_head_loads_with_the_targets_embedding_and_lm_head(tiny_llama, eagle_head, tmp_path):
+    proposer = _proposer(tiny_llama, eagle_head)
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     model = proposer.runner.model
     assert torch.equal(model.model.embed_tokens.weight, reference.model.embed_tokens.weight)
     assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
     # SGLang's "model."-prefixed names load the same head.
-    prefixed = _proposer(target, write_eagle_head(target, tmp_path / "prefixed", prefixed=True)).runner.model
+    prefixed = _proposer(tiny_llama, write_eagle_head(tiny_llama, tmp_path / "prefixed", prefixed=True)).runner.model
     assert torch.equal(prefixed.model.fc.weight, model.model.fc.weight)
 
 
@@ -69,42 +58,42 @@ def _check_hidden_capture_drafts(sched):
 @pytest.mark.parametrize("options", [dict(), dict(overlap=True), dict(chunk=16), dict(radix=False)],
                          ids=["plain", "overlap", "chunked", "no-radix"])
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded-sampled"])
-def test_outputs_equal_the_plain_run(target, head, options, sampled):
+def test_outputs_equal_the_plain_run(tiny_llama, eagle_head, options, sampled):
     workload = _workload(sampled)
-    proposer = _proposer(target, head)
-    sched = make_scheduler(target, drafter=proposer, **options)
+    proposer = _proposer(tiny_llama, eagle_head)
+    sched = make_scheduler(tiny_llama, drafter=proposer, **options)
     sched.capture_hidden = True  # what --speculative-algorithm EAGLE sets
     sched.results.feature_sink = proposer.observe
     # Twice: the second round's prompts hit the radix cache (no hidden states for the cached prefix).
     for _ in range(2):
-        assert {rid: o.output_ids for rid, o in run(sched, workload).items()} == plain_outputs(target, workload)
+        assert {rid: o.output_ids for rid, o in run(sched, workload).items()} == plain_outputs(tiny_llama, workload)
     _check_hidden_capture_drafts(sched)
     assert_no_leak(sched)
     _assert_head_pool_empty(proposer)
     sched.shutdown()
 
 
-def test_retraction_rebuilds_the_head_state(target, head):
+def test_retraction_rebuilds_the_head_state(tiny_llama, eagle_head):
     prompts = make_prompts([60 + i for i in range(16)], VOCAB, seed=63)
     workload = [(f"m{i}", p, greedy(40)) for i, p in enumerate(prompts)]
-    proposer = _proposer(target, head)
-    tight = make_scheduler(target, drafter=proposer, max_total_tokens=420)
+    proposer = _proposer(tiny_llama, eagle_head)
+    tight = make_scheduler(tiny_llama, drafter=proposer, max_total_tokens=420)
     tight.capture_hidden = True
     tight.results.feature_sink = proposer.observe
-    assert {rid: o.output_ids for rid, o in run(tight, workload).items()} == plain_outputs(target, workload)
+    assert {rid: o.output_ids for rid, o in run(tight, workload).items()} == plain_outputs(tiny_llama, workload)
     assert tight.num_retractions > 0
     assert_no_leak(tight)
     _assert_head_pool_empty(proposer)
     tight.shutdown()
 
 
-def test_engine_eagle_with_tp2(target, head):
+def test_engine_eagle_with_tp2(tiny_llama, eagle_head):
     prompts = [p for _, p, _ in _workload()[:3]]
     params = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
     outputs = {}
     for tp, spec in ((1, None), (1, "EAGLE"), (2, "EAGLE")):
-        kwargs = dict(speculative_algorithm=spec, speculative_draft_model_path=str(head)) if spec else {}
-        engine = Engine(model_path=str(target), dtype="float32", max_total_tokens=4096, tp_size=tp, **kwargs)
+        kwargs = dict(speculative_algorithm=spec, speculative_draft_model_path=str(eagle_head)) if spec else {}
+        engine = Engine(model_path=str(tiny_llama), dtype="float32", max_total_tokens=4096, tp_size=tp, **kwargs)
         try:
             outs = engine.generate(input_ids=prompts, sampling_params=params)
             outputs[(tp, spec)] = [o["output_ids"] for o in outs]
@@ -115,7 +104,7 @@ def test_engine_eagle_with_tp2(target, head):
     assert outputs[(1, "EAGLE")] == outputs[(1, None)] == outputs[(2, "EAGLE")]
 
 
-def test_the_head_reads_each_position_with_the_token_after_it(target, head):
+def test_the_head_reads_each_position_with_the_token_after_it(tiny_llama, eagle_head):
     """The first guess after a prefill is the head's prediction from the
     pairs (target hidden state at p, token at p + 1), computed here
     independently: transformers' final (normed) hidden states, and the head
@@ -126,8 +115,8 @@ def test_the_head_reads_each_position_with_the_token_after_it(target, head):
     from model_executor.batch_runner import BatchRunner
 
     prompt = make_prompts([21], VOCAB, seed=64)[0]
-    proposer = _proposer(target, head)
-    sched = make_scheduler(target, drafter=proposer)
+    proposer = _proposer(tiny_llama, eagle_head)
+    sched = make_scheduler(tiny_llama, drafter=proposer)
     sched.capture_hidden = True
     sched.results.feature_sink = proposer.observe
     sched.add_request(TokenizedGenerateReq("x", prompt, greedy(8)))
@@ -136,10 +125,10 @@ def test_the_head_reads_each_position_with_the_token_after_it(target, head):
     tokens = req.origin_input_ids + req.output_ids
     guess = proposer.propose(req, 1)
 
-    reference = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     with torch.no_grad():
         states = reference(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0]
-    by_hand = BatchRunner(_proposer(target, head).runner)
+    by_hand = BatchRunner(_proposer(tiny_llama, eagle_head).runner)
     seq = by_hand.add_sequence()
     out, _ = by_hand.extend([seq], [tokens[1:]], spec_hidden=states)
     assert guess == [int(out.next_token_logits[0].argmax())]

@@ -18,7 +18,7 @@ import time
 import pytest
 import requests
 
-from server_helpers import alive, child_pids, free_port, start_server
+from server_helpers import alive, free_port, start_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,20 +19,16 @@ Under TP only rank 0 runs the head; its drafts are broadcast. Only a chain
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from managers.drafts import GuessBudget
-from model_executor.batch_runner import BatchRunner
-from model_executor.model_runner import ModelRunner
+from managers.model_drafts import PooledDrafter
 
 if TYPE_CHECKING:
     from managers.schedule_batch import Req
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,14 +44,9 @@ class EagleState:
         return self.first_position + self.consumed + sum(len(t) for t in self.pending)
 
 
-class EagleProposer:
-    def __init__(self, runner: ModelRunner, num_draft_tokens: int) -> None:
-        if runner.config.page_size != 1:
-            raise ValueError("the EAGLE head's KV pool needs page size 1 (its guesses are cut one by one)")
-        self.runner = runner
-        self.batch = BatchRunner(runner)
-        self.max_guesses = num_draft_tokens - 1
-        self.owners: dict[int, Req] = {}
+class EagleProposer(PooledDrafter):
+    kind = "EAGLE head"
+    state_type = EagleState
 
     def observe(self, req: Req, position: int, hidden: torch.Tensor) -> None:
         """The target's hidden states at positions position .. position + n - 1 of `req`."""
@@ -67,19 +58,6 @@ class EagleProposer:
             state = req.draft_state = EagleState(position)
         state.pending.append(hidden)
 
-    def propose(self, req: Req, max_tokens: int) -> list[int]:
-        return self.propose_many([req], [max_tokens])[0]
-
-    def propose_many(self, reqs: list[Req], rooms: list[int]) -> list[list[int]]:
-        guesses: list[list[int]] = [[] for _ in reqs]
-        try:
-            self._draft(reqs, rooms, guesses)
-        except RuntimeError as err:  # the head's pool or its request rows ran out
-            logger.info("EAGLE head out of room (%s): dropping its sequences, no guesses this step", err)
-            self.release_all()
-            return [[] for _ in reqs]
-        return guesses
-
     def _draft(self, reqs: list[Req], rooms: list[int], guesses: list[list[int]]) -> None:
         active, wanted, feeds, states, hidden = [], {}, [], [], []
         for i, (req, room) in enumerate(zip(reqs, rooms)):
@@ -90,8 +68,7 @@ class EagleProposer:
             if len(req.origin_input_ids) + len(req.output_ids) < tokens_needed:
                 continue
             if state.seq_id is None:
-                state.seq_id = self.batch.add_sequence()
-                self.owners[state.seq_id] = req
+                state.seq_id = self._new_sequence(req)
             self.batch.truncate(state.seq_id, state.consumed)  # the last round's chained guesses go
             start = state.first_position + state.consumed + 1
             feeds.append(req.tokens_between(start, tokens_needed))
@@ -114,16 +91,3 @@ class EagleProposer:
             states = [states[k] for k in going]
             feeds = [[guesses[i][-1]] for i in active]
             hidden = [last_hidden[going]] if going else []
-
-    def release(self, req: Req) -> None:
-        """The request gave back its KV (finished, aborted, retracted): so does the head."""
-        state = req.draft_state
-        if isinstance(state, EagleState):
-            if state.seq_id is not None and state.seq_id in self.owners:
-                self.batch.release(state.seq_id)
-                del self.owners[state.seq_id]
-            req.draft_state = None
-
-    def release_all(self) -> None:
-        for req in list(self.owners.values()):
-            self.release(req)

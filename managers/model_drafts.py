@@ -51,10 +51,19 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class DraftModelProposer:
+class PooledDrafter:
+    """What a draft source with its own model and KV pool shares (a draft
+    model, an EAGLE head): a `BatchRunner` over its runner, one sequence per
+    drafting request (its id in the request's `draft_state`, a `state_type`),
+    all drafting together in `_draft`. Running out of pool or request rows
+    drops every sequence, and that round drafts nothing."""
+
+    kind = "draft model"  # for messages
+    state_type: type = DraftSequence
+
     def __init__(self, runner: ModelRunner, num_draft_tokens: int) -> None:
         if runner.config.page_size != 1:
-            raise ValueError("the draft model's KV pool needs page size 1 (its guesses are cut one by one)")
+            raise ValueError(f"the {self.kind}'s KV pool needs page size 1 (its guesses are cut one by one)")
         self.runner = runner
         self.batch = BatchRunner(runner)
         self.max_guesses = num_draft_tokens - 1
@@ -66,21 +75,45 @@ class DraftModelProposer:
     def propose_many(self, reqs: list[Req], rooms: list[int]) -> list[list[int]]:
         guesses: list[list[int]] = [[] for _ in reqs]
         try:
-            wanted = [min(room, self._sequence(req).budget.next(req, self.max_guesses)) if room else 0
-                      for req, room in zip(reqs, rooms)]
-            for req, n in zip(reqs, wanted):
-                if n:
-                    req.draft_state.budget.proposed = n
-            active = [i for i, n in enumerate(wanted) if n > 0]
-            if active:
-                self._draft(reqs, wanted, active, guesses)
-        except RuntimeError as err:  # the draft pool or its request rows ran out
-            logger.info("draft model out of room (%s): dropping its sequences, no guesses this step", err)
+            self._draft(reqs, rooms, guesses)
+        except RuntimeError as err:  # the pool or its request rows ran out
+            logger.info("%s out of room (%s): dropping its sequences, no guesses this step", self.kind, err)
             self.release_all()
             return [[] for _ in reqs]
         return guesses
 
-    def _draft(self, reqs: list[Req], wanted: list[int], active: list[int], guesses: list[list[int]]) -> None:
+    def _draft(self, reqs: list[Req], rooms: list[int], guesses: list[list[int]]) -> None:
+        """Append up to rooms[i] guesses for reqs[i] to guesses[i]."""
+        raise NotImplementedError
+
+    def _new_sequence(self, req: Req) -> int:
+        seq_id = self.batch.add_sequence()
+        self.owners[seq_id] = req
+        return seq_id
+
+    def release(self, req: Req) -> None:
+        """The request gave back its KV (finished, aborted, retracted): so does its draft."""
+        state = req.draft_state
+        if isinstance(state, self.state_type):
+            if state.seq_id is not None and self.owners.pop(state.seq_id, None) is not None:
+                self.batch.release(state.seq_id)
+            req.draft_state = None
+
+    def release_all(self) -> None:
+        for req in list(self.owners.values()):
+            self.release(req)
+
+
+class DraftModelProposer(PooledDrafter):
+    def _draft(self, reqs: list[Req], rooms: list[int], guesses: list[list[int]]) -> None:
+        wanted = [min(room, self._sequence(req).budget.next(req, self.max_guesses)) if room else 0
+                  for req, room in zip(reqs, rooms)]
+        for req, n in zip(reqs, wanted):
+            if n:
+                req.draft_state.budget.proposed = n
+        active = [i for i, n in enumerate(wanted) if n > 0]
+        if not active:
+            return
         sequences, feeds = [], []
         for i in active:
             req = reqs[i]
@@ -112,23 +145,8 @@ class DraftModelProposer:
 
     def _sequence(self, req: Req) -> DraftSequence:
         if not isinstance(req.draft_state, DraftSequence):
-            seq_id = self.batch.add_sequence()
-            req.draft_state = DraftSequence(seq_id)
-            self.owners[seq_id] = req
+            req.draft_state = DraftSequence(self._new_sequence(req))
         return req.draft_state
-
-    def release(self, req: Req) -> None:
-        """The request gave back its KV (finished, aborted, retracted): so does its draft."""
-        state = req.draft_state
-        if isinstance(state, DraftSequence) and state.seq_id in self.owners:
-            self.batch.release(state.seq_id)
-            del self.owners[state.seq_id]
-        if isinstance(state, DraftSequence):
-            req.draft_state = None
-
-    def release_all(self) -> None:
-        for req in list(self.owners.values()):
-            self.release(req)
 
 
 def check_draft_compatible(target_path: str, draft_path: str) -> None:

@@ -134,7 +134,7 @@ def paired_ratio(ours: list[RoundResult], other: list[RoundResult]) -> float:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.attention_backend is None:
-        from runtime.server_args import default_attention_backend
+        from runtime.device_defaults import default_attention_backend
 
         args.attention_backend = default_attention_backend(args.device, args.dtype)
     return args

@@ -98,7 +98,7 @@ class ModelRunner:
         self.cuda_graph_runner = None
         if self.device.type == "cuda" and not config.disable_cuda_graph:
             if config.tp_size > 1:
-                # ServerArgs turns graphs off for TP (runtime.server_args.cuda_graph_off_reason:
+                # ServerArgs turns graphs off for TP (runtime.device_defaults.cuda_graph_off_reason:
                 # NCCL collectives in a captured graph are untested); configs built
                 # without it (benchmarks) get the same rule here.
                 if config.tp_rank == 0:

@@ -1,8 +1,7 @@
-"""All server settings in one dataclass, turned into CLI flags generically.
-
-Each field carries its help text (and optional choices) in its metadata, so a
-new setting is one field here and nothing else. Lower packages never read
-flags: `ServerArgs` builds their small configs (e.g. `model_runner_config`).
+"""All server settings in one dataclass, turned into CLI flags generically
+(runtime/dataclass_cli.py): a new setting is one field here and nothing
+else; the rules between fields are runtime/server_args_checks.py. Lower
+packages never read flags: `ServerArgs` builds their small configs (e.g. `model_runner_config`).
 
 This module must stay light: the HTTP process imports it, so torch and
 `model_executor` are imported only inside the functions that need them.
@@ -11,16 +10,16 @@ This module must stay light: the HTTP process imports it, so torch and
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-# Torch-free: the flag's choices and device rules come from the backend registry.
-from layers.attention.registry import attention_backend_names, device_error
+# Torch-free: the attention backend flag's choices come from the backend registry.
+from layers.attention.registry import attention_backend_names
+from runtime.dataclass_cli import add_flags, arg, check_choices, from_namespace
+from runtime.device_defaults import cuda_graph_off_reason, default_attention_backend, detect_device
+from runtime.server_args_checks import check_server_args
 
 if TYPE_CHECKING:
     from managers.process_config import DetokenizerProcessConfig, SchedulerProcessConfig, TokenizerConfig
@@ -30,87 +29,75 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _arg(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    metadata: dict[str, Any] = {"help": help}
-    if choices is not None:
-        metadata["choices"] = choices
-    return field(default=default, metadata=metadata)
-
-
-def _flag(name: str) -> str:
-    """The flag as the user types it, so error messages point at the right thing."""
-    return "--" + name.replace("_", "-")
-
-
 @dataclass
 class ServerArgs:
     # Model and tokenizer.
     model_path: str = field(metadata={"help": "Checkpoint directory (HF layout) to serve."})
-    tokenizer_path: str | None = _arg(None, "Tokenizer directory; default: --model-path.")
-    dtype: str = _arg(
+    tokenizer_path: str | None = arg(None, "Tokenizer directory; default: --model-path.")
+    dtype: str = arg(
         "auto", "Weight and activation dtype; auto uses the checkpoint's.",
         ("auto", "float32", "bfloat16", "float16"),
     )
-    device: str | None = _arg(
+    device: str | None = arg(
         None, "Device to run on; default: cuda if available, else cpu.", ("cpu", "cuda")
     )
-    context_length: int | None = _arg(
+    context_length: int | None = arg(
         None, "Max tokens per request (prompt + output); default: the model's limit."
     )
-    trust_remote_code: bool = _arg(False, "Allow custom code from the checkpoint.")
-    load_format: str = _arg(
+    trust_remote_code: bool = arg(False, "Allow custom code from the checkpoint.")
+    load_format: str = arg(
         "auto",
         "auto: the checkpoint's safetensors; dummy: random weights from config.json alone "
         "(benchmarks of a model shape without its weights).",
         ("auto", "dummy"),
     )
-    quantization: str | None = _arg(
+    quantization: str | None = arg(
         None,
         "Quantized weights: default, the checkpoint's own quantization_config (fp8, gptq, awq, "
         "compressed-tensors; naming it again is allowed, naming another is an error); on a dense "
         "checkpoint, int8 or fp8 quantizes the weights while loading (one scale per output row).",
         ("awq", "compressed-tensors", "fp8", "gptq", "int8"),
     )
-    skip_tokenizer_init: bool = _arg(False, "Do not load a tokenizer; requests pass token ids.")
-    served_model_name: str | None = _arg(
+    skip_tokenizer_init: bool = arg(False, "Do not load a tokenizer; requests pass token ids.")
+    served_model_name: str | None = arg(
         None, "Model name reported by the API; default: --model-path."
     )
 
     # Memory and batching.
-    page_size: int = _arg(1, "Tokens per KV-cache page.")
-    max_total_tokens: int | None = _arg(
+    page_size: int = arg(1, "Tokens per KV-cache page.")
+    max_total_tokens: int | None = arg(
         None, "KV-cache capacity in tokens; default: sized from free memory."
     )
-    mem_fraction_static: float = _arg(
+    mem_fraction_static: float = arg(
         0.88, "Fraction of GPU memory for weights plus KV cache, in (0, 1]."
     )
-    max_running_requests: int = _arg(256, "Max requests in the running batch.")
-    max_prefill_tokens: int = _arg(16384, "Token budget of one prefill batch.")
-    chunked_prefill_size: int = _arg(
+    max_running_requests: int = arg(256, "Max requests in the running batch.")
+    max_prefill_tokens: int = arg(16384, "Token budget of one prefill batch.")
+    chunked_prefill_size: int = arg(
         8192, "Split prompts longer than this across iterations; -1 or 0 disables."
     )
-    schedule_policy: str = _arg(
+    schedule_policy: str = arg(
         "lpm", "Order of the waiting queue.", ("fcfs", "lpm", "dfs-weight")
     )
-    disable_radix_cache: bool = _arg(False, "Do not share prefixes between requests.")
-    tool_call_parser: str | None = _arg(
+    disable_radix_cache: bool = arg(False, "Do not share prefixes between requests.")
+    tool_call_parser: str | None = arg(
         None, "Parse tool calls out of chat output in this model's format.",
         choices=("qwen25", "llama3", "mistral", "pythonic", "deepseekv3"))
-    reasoning_parser: str | None = _arg(
+    reasoning_parser: str | None = arg(
         None, "Split the model's <think> reasoning into reasoning_content.", choices=("qwen3", "deepseek-r1"))
-    grammar_backend: str = _arg("xgrammar", "Backend of constrained decoding (json_schema, regex, ebnf, "
+    grammar_backend: str = arg("xgrammar", "Backend of constrained decoding (json_schema, regex, ebnf, "
                                 "structural_tag); none turns it off.", choices=("xgrammar", "none"))
-    constrained_json_disable_any_whitespace: bool = _arg(
+    constrained_json_disable_any_whitespace: bool = arg(
         False, "JSON-schema outputs have no free whitespace (compact JSON).")
-    enable_mixed_chunk: bool = _arg(
+    enable_mixed_chunk: bool = arg(
         False,
         "Run the running decodes inside prefill batches (MIXED) instead of pausing them "
         "while a prefill runs: steadier TPOT, slower TTFT.",
     )
-    disable_overlap: bool = _arg(False, "Use the plain (non-overlapped) scheduler loop.")
+    disable_overlap: bool = arg(False, "Use the plain (non-overlapped) scheduler loop.")
 
     # Speculative decoding (managers/drafts.py).
-    speculative_algorithm: str | None = _arg(
+    speculative_algorithm: str | None = arg(
         None,
         "Draft tokens and verify them in one forward: NGRAM copies what followed earlier "
         "occurrences of the newest tokens (prompt lookup; no model); STANDALONE asks a small "
@@ -120,36 +107,36 @@ class ServerArgs:
         "(requests with penalties or logits processors are not drafted).",
         choices=("NGRAM", "STANDALONE", "EAGLE"),
     )
-    speculative_draft_model_path: str | None = _arg(
+    speculative_draft_model_path: str | None = arg(
         None, "STANDALONE: the draft model's checkpoint; EAGLE: the head's.")
-    speculative_eagle_topk: int | None = _arg(
+    speculative_eagle_topk: int | None = arg(
         None, "EAGLE: guesses per drafting step; 1 (a chain) is what is supported.")
-    speculative_num_steps: int | None = _arg(
+    speculative_num_steps: int | None = arg(
         None, "Guesses per request and step (a chain); sets --speculative-num-draft-tokens to this + 1.")
-    speculative_num_draft_tokens: int | None = _arg(
+    speculative_num_draft_tokens: int | None = arg(
         None, "Tokens a verify step feeds per request: its last token plus up to this many - 1 guesses "
         "(default 8 for NGRAM, 4 for STANDALONE and EAGLE).")
-    speculative_ngram_min_match_window_size: int = _arg(
+    speculative_ngram_min_match_window_size: int = arg(
         1, "NGRAM: the fewest newest tokens that must match an earlier occurrence.")
-    speculative_ngram_max_match_window_size: int = _arg(
+    speculative_ngram_max_match_window_size: int = arg(
         12, "NGRAM: the most newest tokens compared when choosing between earlier occurrences.")
-    enable_cpu_overlap: bool = _arg(
+    enable_cpu_overlap: bool = arg(
         False,
         "Overlap scheduling on CPU too. Off by default there: the forward thread and the "
         "scheduler compete for the same cores (measured ~25%% slower on 2 cores).",
     )
 
     # Kernels.
-    disable_cuda_graph: bool = _arg(
+    disable_cuda_graph: bool = arg(
         False, "Run decode without CUDA graphs (always so on CUDA with --tp-size > 1, for now)."
     )
-    cuda_graph_max_bs: int = _arg(64, "Largest decode batch size captured in a CUDA graph.")
-    flashinfer_workspace_mb: int = _arg(
+    cuda_graph_max_bs: int = arg(64, "Largest decode batch size captured in a CUDA graph.")
+    flashinfer_workspace_mb: int = arg(
         256,
         "flashinfer backend: its float workspace, in MiB. Raise it if flashinfer reports "
         "'Increase the workspace buffer size' (models with many query heads per KV head).",
     )
-    attention_backend: str | None = _arg(
+    attention_backend: str | None = arg(
         None,
         "Attention kernels; default: cpu (native kernels, torch_native if they "
         "cannot be built) on cpu, flashinfer on cuda if installed, else triton.",
@@ -157,56 +144,56 @@ class ServerArgs:
     )
 
     # Parallelism.
-    tp_size: int = _arg(1, "Tensor-parallel degree (one scheduler process per rank).")
-    ep_size: int = _arg(
+    tp_size: int = arg(1, "Tensor-parallel degree (one scheduler process per rank).")
+    ep_size: int = arg(
         1,
         "Expert parallelism for mixture-of-experts models: the TP group's ranks form ep-size groups "
         "that each hold 1/ep-size of the experts (each expert split over tp-size/ep-size ranks). "
         "Must divide --tp-size; equal to it puts whole experts on each rank.",
     )
-    nnodes: int = _arg(1, "Number of nodes.")
-    node_rank: int = _arg(0, "Rank of this node, in 0..nnodes-1.")
-    dist_init_addr: str | None = _arg(
+    nnodes: int = arg(1, "Number of nodes.")
+    node_rank: int = arg(0, "Rank of this node, in 0..nnodes-1.")
+    dist_init_addr: str | None = arg(
         None,
         "host:port of rank 0's torch.distributed rendezvous (on node 0); needed with "
         "--nnodes > 1, else a free local port is picked.",
     )
-    dist_timeout: int = _arg(
+    dist_timeout: int = arg(
         300, "Seconds to wait for all TP ranks to join, and for any one collective."
     )
 
     # Serving.
-    host: str = _arg("127.0.0.1", "HTTP bind address.")
-    port: int = _arg(30000, "HTTP port.")
-    api_key: str | None = _arg(None, "If set, requests must send this bearer token.")
-    stream_interval: int = _arg(
+    host: str = arg("127.0.0.1", "HTTP bind address.")
+    port: int = arg(30000, "HTTP port.")
+    api_key: str | None = arg(None, "If set, requests must send this bearer token.")
+    stream_interval: int = arg(
         1,
         "Send a streaming chunk every N decoded tokens; the first token and the final chunk "
         "go out at once. Larger values cut per-chunk overhead for many concurrent streams.",
     )
-    max_queued_requests: int | None = _arg(
+    max_queued_requests: int | None = arg(
         None, "Requests allowed to wait for admission; more get 503 with Retry-After. Default: unbounded."
     )
-    max_request_body_mb: float = _arg(
+    max_request_body_mb: float = arg(
         32, "Largest HTTP request body, in MiB; larger ones get 413."
     )
-    watchdog_timeout: float = _arg(
+    watchdog_timeout: float = arg(
         300,
         "Exit with an error when the scheduler makes no progress for this many seconds "
         "while requests are pending (a hung step or process).",
     )
-    health_check_timeout: float = _arg(
+    health_check_timeout: float = arg(
         20,
         "Seconds: /health turns 503 when the scheduler has not gone round its loop for this "
         "long, and /health_generate waits this long for its test request.",
     )
-    shutdown_grace: float = _arg(
+    shutdown_grace: float = arg(
         30,
         "On SIGTERM, seconds in-flight requests get to finish (new ones get 503) before open "
         "streams end with an error event and waiting calls with a 503.",
     )
-    random_seed: int = _arg(0, "Seed for sampling and weight init.")
-    log_level: str = _arg("info", "Logging level.", ("debug", "info", "warning", "error"))
+    random_seed: int = arg(0, "Seed for sampling and weight init.")
+    log_level: str = arg("info", "Logging level.", ("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
         if self.tokenizer_path is None:
@@ -214,19 +201,11 @@ class ServerArgs:
         if self.served_model_name is None:
             self.served_model_name = self.model_path
         if self.device is None:
-            self.device = _detect_device()
-        # Choices are checked here rather than by argparse so programmatic
-        # construction gets the same errors as the CLI.
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices is not None and value is not None and value not in choices:
-                raise ValueError(
-                    f"{_flag(f.name)} must be one of {', '.join(choices)}; got {value!r}"
-                )
+            self.device = detect_device()
+        check_choices(self)
         if self.attention_backend is None:
             self.attention_backend = default_attention_backend(self.device, self.dtype)
-        self._validate()
+        check_server_args(self)
         reason = cuda_graph_off_reason(self.device, self.tp_size)
         if reason is not None and not self.disable_cuda_graph:
             # A warning: logging is configured only after the flags are parsed,
@@ -234,94 +213,6 @@ class ServerArgs:
             # info) to stderr.
             logger.warning("CUDA graphs disabled: %s", reason)
             self.disable_cuda_graph = True
-
-    def _validate(self) -> None:
-        for name in (
-            "page_size", "max_running_requests", "max_prefill_tokens",
-            "cuda_graph_max_bs", "tp_size", "ep_size", "nnodes", "stream_interval", "dist_timeout",
-            "flashinfer_workspace_mb",
-        ):
-            value = getattr(self, name)
-            if value < 1:
-                raise ValueError(f"{_flag(name)} must be >= 1, got {value}")
-        if self.max_queued_requests is not None and self.max_queued_requests < 1:
-            raise ValueError(f"--max-queued-requests must be >= 1, got {self.max_queued_requests}")
-        for name in ("max_request_body_mb", "watchdog_timeout", "health_check_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
-        if not self.shutdown_grace >= 0:
-            raise ValueError(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
-        if self.context_length is not None and self.context_length < 1:
-            raise ValueError(f"--context-length must be >= 1, got {self.context_length}")
-        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
-            raise ValueError(
-                f"--max-total-tokens must be >= --page-size ({self.page_size}), "
-                f"got {self.max_total_tokens}"
-            )
-        if not 0.0 < self.mem_fraction_static <= 1.0:
-            raise ValueError(
-                f"--mem-fraction-static must be in (0, 1], got {self.mem_fraction_static}"
-            )
-        if self.chunked_prefill_size < -1:
-            raise ValueError(
-                "--chunked-prefill-size must be > 0, or -1 or 0 to disable; "
-                f"got {self.chunked_prefill_size}"
-            )
-        # A chunk boundary inside a page would leave a half-filled page owned
-        # by an unfinished request, which the paged allocator cannot share.
-        if self.chunked_prefill_enabled and self.chunked_prefill_size % self.page_size:
-            raise ValueError(
-                f"--chunked-prefill-size must be a multiple of --page-size "
-                f"({self.page_size}), got {self.chunked_prefill_size}"
-            )
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"--port must be in 1..65535, got {self.port}")
-        if not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(
-                f"--node-rank must be < --nnodes ({self.nnodes}) and >= 0, "
-                f"got {self.node_rank}"
-            )
-        if self.nnodes > 1 and not self.dist_init_addr:
-            raise ValueError("--nnodes > 1 needs --dist-init-addr host:port")
-        if self.speculative_num_draft_tokens is None:
-            if self.speculative_num_steps is not None:
-                self.speculative_num_draft_tokens = self.speculative_num_steps + 1
-            else:
-                self.speculative_num_draft_tokens = 8 if self.speculative_algorithm == "NGRAM" else 4
-        elif self.speculative_num_steps is not None and self.speculative_num_draft_tokens != self.speculative_num_steps + 1:
-            raise ValueError(f"--speculative-num-draft-tokens ({self.speculative_num_draft_tokens}) must be "
-                             f"--speculative-num-steps + 1 ({self.speculative_num_steps + 1}) for a chain of guesses")
-        if (self.speculative_algorithm in ("STANDALONE", "EAGLE")) != (self.speculative_draft_model_path is not None):
-            raise ValueError("--speculative-draft-model-path goes with --speculative-algorithm STANDALONE or "
-                             "EAGLE (and they need it)")
-        if self.speculative_eagle_topk not in (None, 1):
-            raise ValueError(f"--speculative-eagle-topk {self.speculative_eagle_topk}: only 1 (a chain of guesses) "
-                             "is supported, not a tree")
-        if self.speculative_num_draft_tokens < 2:
-            raise ValueError(f"--speculative-num-draft-tokens must be >= 2 (the last token and a guess), "
-                             f"got {self.speculative_num_draft_tokens}")
-        if not 1 <= self.speculative_ngram_min_match_window_size <= self.speculative_ngram_max_match_window_size:
-            raise ValueError(
-                "--speculative-ngram-min-match-window-size must be >= 1 and <= "
-                f"--speculative-ngram-max-match-window-size, got {self.speculative_ngram_min_match_window_size} "
-                f"and {self.speculative_ngram_max_match_window_size}")
-        if self.tp_size % self.ep_size:
-            raise ValueError(f"--ep-size ({self.ep_size}) must divide --tp-size ({self.tp_size})")
-        if self.tp_size % self.nnodes:
-            raise ValueError(
-                f"--tp-size ({self.tp_size}) must be a multiple of --nnodes ({self.nnodes}): "
-                "each node runs the same number of ranks"
-            )
-        if self.dist_init_addr is not None:
-            host, _, port = self.dist_init_addr.rpartition(":")
-            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-                raise ValueError(f"--dist-init-addr must be host:port, got {self.dist_init_addr!r}")
-        # Which backend runs on which device is the registry's rule (triton is
-        # allowed on cpu there: the tests run its kernels under TRITON_INTERPRET=1).
-        assert self.device is not None and self.attention_backend is not None
-        reason = device_error(self.attention_backend, self.device)
-        if reason is not None:
-            raise ValueError(reason)
 
     @property
     def ranks_per_node(self) -> int:
@@ -338,27 +229,11 @@ class ServerArgs:
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            flag = _flag(f.name)
-            help_text = f.metadata["help"]
-            base = _base_type(hints[f.name])
-            if base is bool:
-                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-                continue
-            kwargs: dict[str, Any] = {"dest": f.name, "type": base, "help": help_text}
-            if f.default is MISSING:
-                kwargs["required"] = True
-            else:
-                kwargs["default"] = f.default
-            if "choices" in f.metadata:
-                # Shown in --help only; validated in __post_init__ for a uniform message.
-                kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
-            parser.add_argument(flag, **kwargs)
+        add_flags(parser, cls)
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> ServerArgs:
-        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+        return from_namespace(cls, ns)
 
     def model_runner_config(self, tp_rank: int = 0) -> ModelRunnerConfig:
         # Imported here: model_executor pulls in torch, which the HTTP side avoids.
@@ -439,50 +314,6 @@ class ServerArgs:
         from managers.process_config import DetokenizerProcessConfig
 
         return DetokenizerProcessConfig(self.tokenizer_config(), self.log_level)
-
-
-def _base_type(hint: Any) -> type:
-    """`X | None` -> X: the CLI parses the value; None only means "not given"."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) != 1:
-            raise TypeError(f"unsupported field type {hint!r}")
-        return args[0]
-    return hint
-
-
-def _detect_device() -> str:
-    # torch is imported only when the user left --device unset.
-    if importlib.util.find_spec("torch") is None:
-        return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cuda_graph_off_reason(device: str, tp_size: int) -> str | None:
-    """Why decode must run without CUDA graphs on this setup, or None.
-
-    TP on CUDA: the layers' all-reduce / all-gather are plain torch.distributed
-    NCCL calls, and capturing those in a CUDA graph is untested here (SGLang
-    and vLLM capture their own pynccl / custom all-reduce under a graph-capture
-    context instead). There is no flag to force graphs back on until that has
-    run on several GPUs."""
-    if device == "cuda" and tp_size > 1:
-        return (
-            f"--tp-size {tp_size} on CUDA: capturing NCCL collectives in CUDA graphs is "
-            "not supported yet; decode runs eagerly"
-        )
-    return None
-
-
-def default_attention_backend(device: str, dtype: str) -> str:
-    if device == "cpu":
-        return "cpu"
-    # FlashInfer's kernels are fp16/bf16 only; an explicit fp32 model gets triton.
-    if dtype != "float32" and importlib.util.find_spec("flashinfer") is not None:
-        return "flashinfer"
-    return "triton"
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -165,7 +165,7 @@ def test_triton_allowed_on_cpu() -> None:
 
 def test_attention_backend_choices_are_the_registry() -> None:
     from layers.attention.registry import ATTENTION_BACKENDS, backends_for_device
-    from runtime.server_args import default_attention_backend
+    from runtime.device_defaults import default_attention_backend
 
     (field,) = [f for f in fields(ServerArgs) if f.name == "attention_backend"]
     assert field.metadata["choices"] == tuple(ATTENTION_BACKENDS)
@@ -345,7 +345,7 @@ def test_default_backend_on_cuda_follows_dtype_and_flashinfer(monkeypatch):
 
 
 def test_tp_on_cuda_turns_cuda_graphs_off_with_one_warning(caplog):
-    from runtime.server_args import cuda_graph_off_reason
+    from runtime.device_defaults import cuda_graph_off_reason
 
     assert cuda_graph_off_reason("cuda", 1) is None
     assert cuda_graph_off_reason("cpu", 4) is None

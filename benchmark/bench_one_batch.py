@@ -207,6 +207,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 ABLATIONS = {
     "prepack": ({"cpu_weight_prepack": False}, None),
     "small-batch-gemv": ({"cpu_small_batch_gemv": False}, None),
+    # The streaming kernel for 1-2 rows only (the default before AMX Xeons took it up to 6).
+    "streaming-rows": ({"cpu_streaming_rows": 2}, None),
     "fused-ops": ({"cpu_fused_ops": False}, None),
     "staging": ({}, 0),
     "cuda-graph": ({"disable_cuda_graph": True}, None),

@@ -50,9 +50,11 @@ class ModelRunnerConfig:
     fallback_weight_paths: tuple[str, ...] = ()
     # CPU bf16 only: pack linear weights into oneDNN's layout (layers/cpu_gemm.py).
     cpu_weight_prepack: bool = True
-    # With prepack and the native kernels: a second weight copy for 1-2 row
-    # decodes through the streaming kernel (layers/cpu_gemm.py).
+    # With prepack and the native kernels: a second weight copy for
+    # small-batch decodes through the streaming kernel (layers/cpu_gemm.py),
+    # up to `cpu_streaming_rows` rows (None: the CPU's default, 2 or 6).
     cpu_small_batch_gemv: bool = True
+    cpu_streaming_rows: int | None = None
     # CPU bf16 with the native kernels: fused q/k norm + rotary + KV store and
     # fused SiLU-and-mul (layers/fused_attention_input.py, layers/activation.py).
     cpu_fused_ops: bool = True

@@ -124,7 +124,8 @@ class ModelRunner:
         CPU kernels (layers/cpu_gemm.py)."""
         pack = None
         if config.cpu_weight_prepack and prepack_supported(self.device, self.dtype):
-            pack = CpuPackOptions(min(config.max_running_requests, 16), config.cpu_small_batch_gemv)
+            pack = CpuPackOptions(min(config.max_running_requests, 16), config.cpu_small_batch_gemv,
+                                  config.cpu_streaming_rows)
         return resolve_quantization(self.model_config.quantization_config, config.quantization, pack)
 
     def _use_unfused_ops(self) -> None:

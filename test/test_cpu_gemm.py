@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layers.cpu_gemm import SMALL_BATCH_ROWS, pack_cpu_linear, prepack_supported
+from layers.cpu_gemm import default_streaming_rows, pack_cpu_linear, prepack_supported
 from model_helpers import make_runner
 from native_helpers import built_native_ops, requires_native_kernels
 
@@ -58,7 +58,8 @@ def test_cpu_linear_uses_the_streaming_kernel_for_few_rows_only(ops, monkeypatch
 
     weight = torch.randn(80, 96).bfloat16()
     packed = pack_cpu_linear(weight, batch_size_hint=16, small_batch_gemv=True)
-    assert packed.streaming is not None
+    assert packed.streaming is not None and packed.streaming_rows == default_streaming_rows()
+    limit = packed.streaming_rows
     streamed_rows = []
 
     class Spy:  # the real kernels, with the streaming linear's calls recorded
@@ -70,10 +71,16 @@ def test_cpu_linear_uses_the_streaming_kernel_for_few_rows_only(ops, monkeypatch
             return ops.bf16_linear(x, *args)
 
     monkeypatch.setattr(cpu_gemm, "native_ops", lambda: Spy())
-    for rows in (1, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 16):
+    for rows in (1, limit, limit + 1, 16):
         x = torch.randn(rows, 96).bfloat16()
         torch.testing.assert_close(packed(x, None).float(), reference(x, weight, None), rtol=1e-2, atol=5e-2)
-    assert streamed_rows == [1, SMALL_BATCH_ROWS]
+    assert streamed_rows == [1, limit]
+    # A chosen limit (ModelRunnerConfig.cpu_streaming_rows) overrides the CPU's default.
+    streamed_rows.clear()
+    four = pack_cpu_linear(weight, 16, small_batch_gemv=True, streaming_rows=4)
+    for rows in (3, 4, 5):
+        four(torch.randn(rows, 96).bfloat16(), None)
+    assert streamed_rows == [3, 4]
     assert pack_cpu_linear(weight, 16, small_batch_gemv=False).streaming is None
 
 

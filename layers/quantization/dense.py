@@ -27,7 +27,8 @@ class DenseLinearMethod(LinearMethod):
 @dataclass(frozen=True)
 class CpuPackOptions:
     batch_size_hint: int  # rows oneDNN tunes its layout for
-    small_batch_gemv: bool  # also keep the streaming kernel's copy (1-2 rows)
+    small_batch_gemv: bool  # also keep the streaming kernel's copy (for a few rows)
+    streaming_rows: int | None = None  # up to how many rows it serves; None: this CPU's default (layers/cpu_gemm.py)
 
 
 class CpuPackedLinearMethod(DenseLinearMethod):
@@ -39,7 +40,8 @@ class CpuPackedLinearMethod(DenseLinearMethod):
         self.options = options
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        layer.packed_weight = pack_cpu_linear(layer.weight, self.options.batch_size_hint, self.options.small_batch_gemv)
+        layer.packed_weight = pack_cpu_linear(layer.weight, self.options.batch_size_hint, self.options.small_batch_gemv,
+                                              self.options.streaming_rows)
         if not getattr(layer, "weight_is_shared", False):
             layer.weight.data = torch.empty(0, dtype=layer.weight.dtype)
 

@@ -59,7 +59,7 @@ class DenseKernel:
 def dense_kernel(weight: torch.Tensor, dtype: torch.dtype, cpu_pack: CpuPackOptions | None) -> DenseKernel:
     weight = weight.to(dtype).contiguous()
     if cpu_pack is not None and prepack_supported(weight.device, dtype):
-        packed = pack_cpu_linear(weight, cpu_pack.batch_size_hint, cpu_pack.small_batch_gemv)
+        packed = pack_cpu_linear(weight, cpu_pack.batch_size_hint, cpu_pack.small_batch_gemv, cpu_pack.streaming_rows)
         return DenseKernel(torch.empty(0, dtype=dtype), packed)
     return DenseKernel(weight)
 

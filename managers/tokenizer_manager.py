@@ -15,7 +15,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -24,7 +23,6 @@ import zmq.asyncio
 from managers.io_struct import (
     AbortReq,
     BatchStrOut,
-    FinishReason,
     FlushCacheReq,
     FlushCacheReqOutput,
     GenerateReqInput,
@@ -40,6 +38,15 @@ from managers.request_checks import (
     parse_sampling_params,
     request_rids,
 )
+from managers.request_state import (
+    DISCONNECT_POLL_S,
+    ClientDisconnected,
+    DisconnectWatch,
+    ReqState,
+    ServerDeadError,
+    StreamPacer,
+    raise_if_refused,
+)
 from managers.sampling_params import SamplingParams
 from managers.tokenizer_loading import load_tokenizer
 from sampling.grammar import check_grammar, grammar_spec_of
@@ -49,119 +56,6 @@ logger = logging.getLogger(__name__)
 # Tokenization and chat templates run here, off the event loop, so a huge
 # prompt does not stall other routes (the fast tokenizer releases the GIL).
 TOKENIZER_THREADS = 4
-DISCONNECT_POLL_S = 0.5
-
-
-@dataclass
-class _ReqState:
-    rid: str
-    index: int
-    prompt_tokens: int
-    queue: asyncio.Queue
-    created: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    text: str = ""
-    output_ids: list[int] = field(default_factory=list)
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    spec_verify_ct: int = 0
-    spec_accepted_tokens: int = 0
-    finish: FinishReason | None = None
-    # [logprob, token id, token text] per output token, when asked for.
-    token_logprobs: list[list] | None = None
-    top_logprobs: list[list[list]] | None = None
-
-    def result(self) -> dict:
-        out = {
-            "index": self.index,
-            "text": self.text,
-            "output_ids": list(self.output_ids),
-            "meta_info": {
-                "id": self.rid,
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "cached_tokens": self.cached_tokens,
-                # Speculative decoding: steps that verified guesses, and guesses accepted.
-                "spec_verify_ct": self.spec_verify_ct,
-                "spec_accepted_tokens": self.spec_accepted_tokens,
-                "finish_reason": None if self.finish is None else self.finish.to_json(),
-                "e2e_latency": time.monotonic() - self.created,
-            },
-        }
-        if self.token_logprobs is not None:
-            out["meta_info"]["output_token_logprobs"] = [list(x) for x in self.token_logprobs]
-            out["meta_info"]["output_top_logprobs"] = [[list(a) for a in alts] for alts in self.top_logprobs]
-        return out
-
-
-class ServerDeadError(RuntimeError):
-    """A child process died (or the watchdog gave up on it): a 500."""
-
-
-class ServiceUnavailableError(RuntimeError):
-    """The server is overloaded or shutting down: a 503 the client may retry."""
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class ServerShuttingDownError(ServiceUnavailableError, ServerDeadError):
-    """Open requests when the shutdown grace period ran out."""
-
-
-class ClientDisconnected(Exception):
-    """The HTTP client went away; its requests were aborted. Nobody to answer."""
-
-
-class _DisconnectWatch:
-    """Asks the HTTP request whether its client left, at most every DISCONNECT_POLL_S."""
-
-    def __init__(self, request: Any | None) -> None:
-        self.request = request
-        self.next_check = time.monotonic() + DISCONNECT_POLL_S
-
-    async def gone(self) -> bool:
-        if self.request is None or time.monotonic() < self.next_check:
-            return False
-        self.next_check = time.monotonic() + DISCONNECT_POLL_S
-        return await self.request.is_disconnected()
-
-
-def _raise_if_refused(state: _ReqState) -> None:
-    """The scheduler refused the request before running it: an error for the
-    caller (400 for bad input, 503 with a retry hint when overloaded)."""
-    finish = state.finish
-    if finish is None or finish.kind != "abort" or finish.status_code is None:
-        return
-    message = finish.message or "the request was refused"
-    if finish.status_code == 503:
-        raise ServiceUnavailableError(message)
-    raise ValueError(message)
-
-
-class _StreamPacer:
-    """--stream-interval N: a streamed request yields a chunk once N more
-    tokens arrived since its last one. The first token goes out at once (time
-    to first token is what streaming is for) and the final chunk always (the
-    caller yields it on finish). Every chunk carries the cumulative text and
-    ids, so a skipped update loses nothing: the next chunk includes it.
-
-    Here rather than in the scheduler (SGLang's place) because only this side
-    knows which requests stream, and one place covers /generate, the OpenAI
-    routes and Engine alike."""
-
-    def __init__(self, interval: int) -> None:
-        self.interval = interval
-        self.sent: dict[str, int] = {}  # rid -> output tokens in its last chunk
-
-    def due(self, state: _ReqState) -> bool:
-        n = len(state.output_ids)
-        last = self.sent.get(state.rid)
-        if (last is None and n > 0) or (last is not None and n - last >= self.interval):
-            self.sent[state.rid] = n
-            return True
-        return False
 
 
 class TokenizerManager:
@@ -184,7 +78,7 @@ class TokenizerManager:
         self.to_scheduler = self.zmq_context.socket(zmq.PUSH)
         self.to_scheduler.connect(port_args.scheduler_input)
         self.port_args = port_args
-        self.states: dict[str, _ReqState] = {}
+        self.states: dict[str, ReqState] = {}
         self.control_waiters: dict[type, list[asyncio.Future]] = {}
         self.dead_reason: str | None = None
         self.recv_task: asyncio.Task | None = None
@@ -230,7 +124,7 @@ class TokenizerManager:
     # -- generate ----------------------------------------------------------------
 
     async def generate_request(self, obj: GenerateReqInput, request: Any | None = None) -> AsyncIterator[dict]:
-        """Yield result dicts (see `_ReqState.result`); one final dict per
+        """Yield result dicts (see `ReqState.result`); one final dict per
         output when not streaming, every update when streaming. Raises
         ValueError for input the caller must fix."""
         if self.dead_reason is not None:
@@ -240,18 +134,18 @@ class TokenizerManager:
             raise ServerDeadError(self.dead_reason)
         check_unique_rids(reqs, self.states)
         queue: asyncio.Queue = asyncio.Queue()
-        states: list[_ReqState] = []
+        states: list[ReqState] = []
         for prompt_index, msg in enumerate(reqs):
             n = msg.sampling_params.n
             for j, rid in enumerate(request_rids(msg.rid, n)):
-                state = _ReqState(rid, prompt_index * n + j, len(msg.input_ids), queue)
+                state = ReqState(rid, prompt_index * n + j, len(msg.input_ids), queue)
                 self.states[rid] = state
                 states.append(state)
         for msg in reqs:
             self.to_scheduler.send_pyobj(msg)
         unfinished = {s.rid for s in states}
-        watch = _DisconnectWatch(request)
-        pacer = _StreamPacer(self.server_args.stream_interval) if obj.stream else None
+        watch = DisconnectWatch(request)
+        pacer = StreamPacer(self.server_args.stream_interval) if obj.stream else None
         try:
             while unfinished:
                 item = await self._next_update(queue, watch, states)
@@ -262,7 +156,7 @@ class TokenizerManager:
                     continue  # a queued duplicate of an update already yielded as final
                 if state.finish is not None:
                     unfinished.discard(state.rid)
-                    _raise_if_refused(state)
+                    raise_if_refused(state)
                 if state.finish is not None or (pacer is not None and pacer.due(state)):
                     yield state.result()
         finally:
@@ -276,7 +170,7 @@ class TokenizerManager:
         """Requests are waiting for results (for the watchdog and the shutdown drain)."""
         return bool(self.states)
 
-    async def _next_update(self, queue: asyncio.Queue, watch: _DisconnectWatch, states: list[_ReqState]):
+    async def _next_update(self, queue: asyncio.Queue, watch: DisconnectWatch, states: list[ReqState]):
         while True:
             # Checked on a clock, not only when no update came: a non-streamed
             # request gets an update every step, and its client once went
@@ -402,7 +296,7 @@ class TokenizerManager:
     def _token_text(self, token_id: int) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode([token_id])
 
-    def _add_logprobs(self, state: _ReqState, tokens: list, tops: list) -> None:
+    def _add_logprobs(self, state: ReqState, tokens: list, tops: list) -> None:
         if state.token_logprobs is None:
             state.token_logprobs, state.top_logprobs = [], []
         for (lp, tid), alts in zip(tokens, tops):

@@ -21,7 +21,7 @@ from typing import Any
 
 import uvicorn
 
-from managers.tokenizer_manager import ServerShuttingDownError
+from managers.request_state import ServerShuttingDownError
 
 logger = logging.getLogger(__name__)
 

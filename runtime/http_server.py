@@ -25,12 +25,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from managers.io_struct import GenerateReqInput
-from managers.tokenizer_manager import (
-    ClientDisconnected,
-    ServerDeadError,
-    ServiceUnavailableError,
-    TokenizerManager,
-)
+from managers.request_state import ClientDisconnected, ServerDeadError, ServiceUnavailableError
+from managers.tokenizer_manager import TokenizerManager
 from runtime.asgi_guards import ApiKeyMiddleware, BodySizeLimitMiddleware, DrainMiddleware
 from runtime.graceful_shutdown import DrainingServer, DrainState
 from runtime.info_routes import register_info_routes

@@ -21,7 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from managers.io_struct import GenerateReqInput
-from managers.tokenizer_manager import ClientDisconnected, ServerDeadError, ServiceUnavailableError
+from managers.request_state import ClientDisconnected, ServerDeadError, ServiceUnavailableError
 from runtime.openai_protocol import (
     DEFAULT_MODEL_NAME,
     ChatCompletionRequest,

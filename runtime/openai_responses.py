@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from fastapi.responses import JSONResponse
 
-from managers.tokenizer_manager import ClientDisconnected, ServerDeadError, ServiceUnavailableError
+from managers.request_state import ClientDisconnected, ServerDeadError, ServiceUnavailableError
 from runtime.chat_output import ChatChoiceStream, ChatOutputRules, chat_message
 from runtime.openai_protocol import ChatCompletionRequest, CompletionRequest
 

@@ -23,11 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.cpu_gemm import SMALL_BATCH_ROWS, pack_cpu_linear
+from layers.cpu_gemm import pack_cpu_linear
 from layers.cpu_kernels import native_ops
 from layers.moe.dispatch import group_by_expert
 from layers.quantization.base import set_weight_attrs
 from layers.quantization.dense import CpuPackOptions
+
+# Tokens up to which one native call runs the whole layer's experts
+# (cpu_kernels/moe.cpp; measured for decode of one or two sequences).
+NATIVE_MOE_TOKENS = 2
 
 
 class MoEMethod(ABC):
@@ -103,8 +107,8 @@ class CpuPackedGroupedExperts(GroupedExperts):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         pack = self.options
         layer.packed_experts = [
-            (pack_cpu_linear(w13, pack.batch_size_hint, pack.small_batch_gemv),
-             pack_cpu_linear(w2, pack.batch_size_hint, pack.small_batch_gemv))
+            (pack_cpu_linear(w13, pack.batch_size_hint, pack.small_batch_gemv, pack.streaming_rows),
+             pack_cpu_linear(w2, pack.batch_size_hint, pack.small_batch_gemv, pack.streaming_rows))
             for w13, w2 in zip(layer.w13_weight, layer.w2_weight)
         ]
         layer.streaming_experts = None
@@ -125,7 +129,7 @@ class CpuPackedGroupedExperts(GroupedExperts):
 
     def apply(self, layer: nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor,
               local_ids: torch.Tensor) -> torch.Tensor:
-        if (layer.streaming_experts is not None and hidden.shape[0] <= SMALL_BATCH_ROWS
+        if (layer.streaming_experts is not None and hidden.shape[0] <= NATIVE_MOE_TOKENS
                 and layer.act_fn.use_native and hidden.is_contiguous()):
             ops = native_ops()
             w13, w2 = layer.streaming_experts

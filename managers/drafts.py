@@ -63,26 +63,45 @@ class AcceptanceStats:
         return 1.0 + self.accepted_tokens / self.verify_steps if self.verify_steps else 0.0
 
 
+# Rounds a request sits out at most after its guesses kept missing.
+MAX_REST_ROUNDS = 16
+
+
 @dataclass
 class GuessBudget:
     """How many guesses a request gets, adapted to how its last ones fared:
     all accepted, twice as many next time (up to the cap); some rejected, one
     more than were accepted. A verify step's cost grows with its rows (on
-    this CPU a second row is nearly free, eight cost ~1.6x a decode step, and
-    a draft model pays a forward per guess: benchmark/RESULTS.md), so
-    guessing long only pays where guesses hold. Kept in a draft source's
-    per-request state."""
+    this CPU up to 5 guesses cost 1.0-1.15x a decode step where the streaming
+    kernel serves 6 rows, 1.4-1.6x where it serves 2; a draft model pays a
+    forward per guess: benchmark/RESULTS.md), so guessing long only pays
+    where guesses hold.
+
+    Guesses that keep missing cost without paying (a draft model that does
+    not fit the target, text an n-gram cannot predict): from the second miss
+    in a row the request sits out 1, 2, 4, ... rounds (at most
+    MAX_REST_ROUNDS) and decodes plainly, its output unchanged. Kept in a
+    draft source's per-request state; 0 means no guesses this round."""
 
     budget: int = 1
-    proposed: int = 0  # guesses in the last proposal
+    proposed: int = 0  # guesses in the last proposal, until it is verified
     verify_ct: int = 0  # the request's counts when it was made
     accepted: int = 0
+    misses: int = 0  # verified proposals in a row of which none held
+    resting: int = 0  # rounds left to sit out
 
     def next(self, req: Req, cap: int) -> int:
         if req.spec_verify_ct > self.verify_ct and self.proposed:  # the last proposal was verified
             accepted = req.spec_accepted_tokens - self.accepted
             self.budget = min(cap, 2 * self.proposed) if accepted >= self.proposed else accepted + 1
+            self.misses = 0 if accepted else self.misses + 1
+            if self.misses >= 2:
+                self.resting = min(MAX_REST_ROUNDS, 2 ** (self.misses - 2))
+            self.proposed = 0
         self.verify_ct, self.accepted = req.spec_verify_ct, req.spec_accepted_tokens
+        if self.resting:
+            self.resting -= 1
+            return 0
         return max(1, min(self.budget, cap))
 
 

@@ -67,6 +67,9 @@ class EagleProposer(PooledDrafter):
             tokens_needed = state.next_position + 1  # the token after the last observed position
             if len(req.origin_input_ids) + len(req.output_ids) < tokens_needed:
                 continue
+            want = min(room, state.budget.next(req, self.max_guesses))
+            if not want:  # sitting out: the pending states wait for the next round that guesses
+                continue
             if state.seq_id is None:
                 state.seq_id = self._new_sequence(req)
             self.batch.truncate(state.seq_id, state.consumed)  # the last round's chained guesses go
@@ -75,8 +78,7 @@ class EagleProposer(PooledDrafter):
             hidden.append(torch.cat(state.pending))
             state.consumed += len(feeds[-1])
             state.pending = []
-            wanted[i] = min(room, state.budget.next(req, self.max_guesses))
-            state.budget.proposed = wanted[i]
+            wanted[i] = state.budget.proposed = want
             active.append(i)
             states.append(state)
         while active:

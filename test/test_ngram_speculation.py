@@ -10,6 +10,7 @@ import random
 import pytest
 import requests
 
+from managers.drafts import MAX_REST_ROUNDS, GuessBudget
 from managers.io_struct import TokenizedGenerateReq
 from managers.ngram_drafts import NgramIndex, NgramProposer
 from managers.schedule_batch import Req
@@ -69,6 +70,33 @@ def test_the_guess_count_adapts_to_acceptance():
     verified(2)
     assert len(proposer.propose(req, 10)) == 3  # two held: one more than that
     assert len(proposer.propose(req, 2)) == 2  # room caps the guesses (unverified: same budget)
+
+
+def test_a_request_whose_guesses_keep_missing_sits_out_rounds():
+    budget = GuessBudget()
+    req = Req("r", [1, 2, 3], SamplingParams())
+
+    def one_round(accepted: int) -> int:  # ask for guesses; if any, verify them with `accepted` holding
+        n = budget.next(req, 7)
+        if n:
+            budget.proposed = n
+            req.spec_verify_ct += 1
+            req.spec_accepted_tokens += accepted
+        return n
+
+    # From the second miss in a row: 1, 2, 4 rounds without guesses.
+    assert [one_round(0) for _ in range(12)] == [1, 1, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1]
+    rests = []
+    for _ in range(6):  # rests grow to a cap
+        rest = 0
+        while one_round(0) == 0:
+            rest += 1
+        rests.append(rest)
+    assert rests == [8, 16, 16, 16, 16, 16] and MAX_REST_ROUNDS == 16
+    # A guess that holds ends the rests; misses count afresh.
+    while one_round(1) == 0:
+        pass
+    assert [one_round(1), one_round(0), one_round(0), one_round(0), one_round(0)] == [2, 2, 1, 0, 1]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -167,11 +195,11 @@ def test_flags_are_checked():
 def test_server_reports_acceptance(tmp_path):
     server = start_server(demo_model_path("qwen3", "tiny"), tmp_path, "--speculative-algorithm", "NGRAM")
     try:
-        prompt = make_prompts([16], VOCAB, seed=1)[0]
-        body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 120, "temperature": 0}}
+        prompt = make_prompts([10], VOCAB, seed=32)[0] * 5  # a repeated passage: NGRAM's guesses hold at times
+        body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 200, "temperature": 0}}
         meta = requests.post(server.url + "/generate", json=body, timeout=120).json()["meta_info"]
-        assert meta["completion_tokens"] == 120
-        assert 0 < meta["spec_verify_ct"] and 0 < meta["spec_accepted_tokens"] < 120
+        assert meta["completion_tokens"] == 200
+        assert 0 < meta["spec_verify_ct"] and 0 < meta["spec_accepted_tokens"] < 200
         state = requests.get(server.url + "/get_server_info", timeout=10).json()["internal_states"][0]
         assert state["spec_verify_steps"] == meta["spec_verify_ct"]
         assert state["avg_spec_accept_length"] == pytest.approx(1 + meta["spec_accepted_tokens"] / meta["spec_verify_ct"])

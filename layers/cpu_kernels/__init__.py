@@ -27,8 +27,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("bindings.cpp", "attention.cpp", "gemm.cpp", "int_gemm.cpp", "norm.cpp", "rope.cpp", "activation.cpp", "moe.cpp")
-_HEADERS = ("numerics.h",)  # not compiled on their own, but part of the build's identity
+_SOURCES = ("bindings.cpp", "attention.cpp", "gemm.cpp", "int_gemm.cpp", "int_gemm_amx.cpp", "norm.cpp", "rope.cpp", "activation.cpp", "moe.cpp")
+_HEADERS = ("numerics.h", "int_gemm_layout.h")  # not compiled on their own, but part of the build's identity
 _DISABLE_ENV = "RADIXSERVE_NO_NATIVE_KERNELS"
 
 

@@ -31,67 +31,29 @@
 // the ~3 instructions per 16 weights, not by memory (table in
 // cpu_int_gemm.py).
 //
-// Many rows of bf16 x (the caller sets the threshold; AMX CPUs): each
-// thread dequantizes a panel of 2 blocks into bf16 B tiles for all of K once
-// (w = q * scale + offset in fp32, rounded to bf16 once, as a dequantized
-// checkpoint would be) and runs tile products (TDPBF16PS) over passes of 32
-// rows of x. The dequantization is then the cost, flat in the row count, and
-// the tile unit does the rest: from about 7 rows this beats the FMAs, and it
-// runs near oneDNN's bf16 AMX GEMM on a weight 2-4x smaller.
+// Many rows of bf16 x (the caller sets the threshold; AMX CPUs): AMX tiles
+// on dequantized panels, in int_gemm_amx.cpp.
 //
 // Accumulation is fp32; bf16 results are rounded once at the end.
 
-#include <torch/extension.h>
+#include "int_gemm_layout.h"
+
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <atomic>
-#include <cstdint>
 #include <cstring>
 #include <vector>
 
-#include "numerics.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define RADIXSERVE_INT_GEMM 1
-#include <immintrin.h>
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define RADIXSERVE_INT_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-#endif
+using namespace radixserve::int_gemm;
 
 namespace {
 
-constexpr int kBlock = 16;  // outputs per block (one zmm of fp32)
 constexpr int kPanel = 4;   // blocks per thread task: 64 outputs
 constexpr int kRows = 6;    // rows per register tile: 24 accumulators + 4 weights
-constexpr int64_t kTail = 64;  // bytes after the last block: the offset int4 loads read up to 3 past it
 // Software prefetch this far ahead in each block's stream (as gemm.cpp
 // does): at one row the lm-head-sized layer took the same time from 1 to 2 KB
 // ahead, and more at 256 B or 4 KB (2 cores, Xeon, noisy).
 constexpr int64_t kPrefetchBytes = 1024;
-
-// Sizes in the packed layout (see the top): per group and block, a header of
-// scales (and offsets), then G x 16 bytes (int8) or G x 8 bytes (int4).
-struct Layout {
-  int64_t k, group, groups, header_bytes, group_bytes, block_bytes;
-  bool int4, has_offset;
-  Layout(int64_t k_, int64_t group_, int64_t bits, bool has_offset_)
-      : k(k_), group(group_), groups(k_ / group_), int4(bits == 4), has_offset(has_offset_) {
-    header_bytes = (has_offset ? 2 : 1) * kBlock * static_cast<int64_t>(sizeof(float));
-    group_bytes = header_bytes + group * kBlock / (int4 ? 2 : 1);
-    block_bytes = groups * group_bytes;
-  }
-  int64_t packed_bytes(int64_t n) const { return (n + kBlock - 1) / kBlock * block_bytes + kTail; }
-};
-
-void check_layout(int64_t k, int64_t group, int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, not ", bits);
-  TORCH_CHECK(group > 0 && k % group == 0, "group size ", group, " does not divide K = ", k);
-  TORCH_CHECK(bits == 8 || group % 8 == 0, "int4 needs a group size that is a multiple of 8, not ", group);
-}
 
 #if defined(RADIXSERVE_INT_GEMM)
 
@@ -176,27 +138,6 @@ inline void tile(const TileArgs& a, int64_t g_begin, int64_t g_end) {
   }
 }
 
-// tot (+ bias) -> y rows [0, m) of one panel, rounded to bf16 or stored as
-// fp32.
-void store_panel(const float* tot, int64_t tot_stride, int64_t m, int nr, int64_t n0, int64_t n_total,
-                 const float* bias, void* y, bool out_fp32) {
-  for (int j = 0; j < nr; ++j) {
-    const int64_t n = n0 + j * kBlock;
-    const int valid = static_cast<int>(std::min<int64_t>(kBlock, n_total - n));
-    if (valid <= 0) break;
-    const __mmask16 lanes = valid == kBlock ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + n) : _mm512_setzero_ps();
-    for (int64_t i = 0; i < m; ++i) {
-      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(tot + i * tot_stride + j * kBlock), b);
-      if (out_fp32) {
-        _mm512_mask_storeu_ps(static_cast<float*>(y) + i * n_total + n, lanes, v);
-      } else {
-        _mm256_mask_storeu_epi16(static_cast<at::BFloat16*>(y) + i * n_total + n, lanes, radixserve::narrow_x16(v));
-      }
-    }
-  }
-}
-
 template <bool INT4, int NR>
 void run_panel(const Layout& L, int64_t m, const TileArgs& panel) {
   // More rows than one tile: split K (in whole groups) so the panel's slice
@@ -229,145 +170,6 @@ void run_panel_nr(int nr, const Layout& L, int64_t m, const TileArgs& a) {
     case 3: run_panel<INT4, 3>(L, m, a); break;
     case 2: run_panel<INT4, 2>(L, m, a); break;
     default: run_panel<INT4, 1>(L, m, a); break;
-  }
-}
-#endif
-
-#if defined(RADIXSERVE_INT_AMX)
-// ---- Many rows of bf16 x: AMX tiles ----------------------------------------
-
-constexpr int kAmxK = 32;      // inputs per tile step (a 64-byte tile row of bf16)
-constexpr int kAmxPanel = 2;   // blocks per task: C tiles are 2 row tiles x 2 blocks
-constexpr int kAmxRows = 32;   // rows per pass: two tiles of 16
-
-// Linux gives a process AMX tile state only once it asks (oneDNN asks too).
-bool amx_permitted() {
-  static const bool permitted = [] {
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return permitted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Tiles 0-3: C for (row tile a, block 0), (a, 1), (b, 0), (b, 1); 4, 5: A
-// for row tiles a and b; 6, 7: B for blocks 0 and 1. Row tile b may be empty.
-void configure_tiles(int rows_a, int rows_b) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  const int rows[8] = {rows_a, rows_a, rows_b, rows_b, rows_a, rows_b, kAmxK / 2, kAmxK / 2};
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = static_cast<uint8_t>(rows[t]);
-    cfg.colsb[t] = rows[t] ? 64 : 0;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-// One block's weights dequantized into B tiles, one per 32 inputs, as AMX
-// wants them: row r of a tile holds inputs 2r and 2r + 1 of the 16 outputs
-// as bf16 pairs. w = q * scale + offset in fp32 (one FMA), rounded to bf16
-// once, as a dequantized bf16 checkpoint would be.
-template <bool INT4>
-void dequantize_block(const Layout& L, const uint8_t* block, uint16_t* dst) {
-  // Word j of the result: (even[j], odd[j]); cvtne2ps2bf16 puts even in the
-  // low 16 words and odd in the high 16.
-  const __m512i interleave = _mm512_setr_epi32(
-      0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005, 0x00160006, 0x00170007,
-      0x00180008, 0x00190009, 0x001A000A, 0x001B000B, 0x001C000C, 0x001D000D, 0x001E000E, 0x001F000F);
-  const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t g = 0; g < L.groups; ++g) {
-    const uint8_t* base = block + g * L.group_bytes;
-    const float* header = reinterpret_cast<const float*>(base);
-    const __m512 scale = _mm512_loadu_ps(header);
-    const __m512 offset = L.has_offset ? _mm512_loadu_ps(header + kBlock) : _mm512_setzero_ps();
-    const uint8_t* q = base + L.header_bytes;
-    uint16_t* rows = dst + g * L.group / 2 * 32;  // B rows are consecutive across tiles
-    auto put = [&](int64_t r, __m512 even, __m512 odd) {
-      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(odd, scale, offset),
-                                                        _mm512_fmadd_ps(even, scale, offset));
-      _mm512_storeu_si512(rows + r * 32, _mm512_permutexvar_epi16(interleave, both));
-    };
-    if constexpr (INT4) {
-      for (int64_t t = 0; t < L.group / 8; ++t) {
-        const uint8_t* qt = q + t * kBlock * 4;
-        // Inputs 8t + 2s and 8t + 2s + 1 are byte s of each word: a load s
-        // bytes on brings it down (vpermps looks up the low 4 bits of each
-        // lane), a shift by 4 the odd one.
-#pragma GCC unroll 4
-        for (int s = 0; s < 4; ++s) {
-          const __m512i byte = _mm512_loadu_si512(qt + s);
-          put(t * 4 + s, _mm512_permutexvar_ps(byte, table),
-              _mm512_permutexvar_ps(_mm512_srli_epi32(byte, 4), table));
-        }
-      }
-    } else {
-      for (int64_t r = 0; r < L.group / 2; ++r) {
-        const uint8_t* qk = q + 2 * r * kBlock;
-        put(r, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qk)))),
-            _mm512_cvtepi32_ps(
-                _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qk + kBlock)))));
-      }
-    }
-  }
-}
-
-struct AmxScratch {
-  std::vector<uint16_t> b;  // [2][K / 2][32] bf16: the panel's B tiles
-  float c[kAmxRows * kAmxPanel * kBlock];  // C tiles on their way to y
-  int rows_a = -1, rows_b = -1;  // the current tile configuration
-};
-
-// y rows [0, m) of one panel (nb blocks): B is dequantized once for all of
-// K, then every pass of 32 rows accumulates over all of K in C tiles.
-template <bool INT4>
-void amx_panel(const Layout& L, const uint8_t* w, int nb, const uint16_t* x, int64_t m, const float* bias,
-               int64_t n0, int64_t n_total, at::BFloat16* y, AmxScratch& sc) {
-  const int64_t b_stride = L.k / 2 * 32;  // uint16 per block of B
-  for (int j = 0; j < nb; ++j) dequantize_block<INT4>(L, w + j * L.block_bytes, sc.b.data() + j * b_stride);
-  constexpr int kStride = kAmxPanel * kBlock;
-  constexpr int kCBytes = kStride * sizeof(float);
-  for (int64_t r = 0; r < m; r += kAmxRows) {
-    const int ra = static_cast<int>(std::min<int64_t>(16, m - r));
-    const int rb = static_cast<int>(std::clamp<int64_t>(m - r - 16, 0, 16));
-    if (ra != sc.rows_a || rb != sc.rows_b) {
-      configure_tiles(ra, rb);
-      sc.rows_a = ra;
-      sc.rows_b = rb;
-    }
-    _tile_zero(0);
-    _tile_zero(1);
-    if (rb) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-    const uint16_t* xr = x + r * L.k;
-    for (int64_t k = 0; k < L.k; k += kAmxK) {
-      _tile_loadd(4, xr + k, L.k * 2);
-      if (rb) _tile_loadd(5, xr + 16 * L.k + k, L.k * 2);
-      _tile_loadd(6, sc.b.data() + k / 2 * 32, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      if (rb) _tile_dpbf16ps(2, 5, 6);
-      if (nb > 1) {
-        _tile_loadd(7, sc.b.data() + b_stride + k / 2 * 32, 64);
-        _tile_dpbf16ps(1, 4, 7);
-        if (rb) _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-    _tile_stored(0, sc.c, kCBytes);
-    _tile_stored(1, sc.c + kBlock, kCBytes);
-    if (rb) {
-      _tile_stored(2, sc.c + 16 * kStride, kCBytes);
-      _tile_stored(3, sc.c + 16 * kStride + kBlock, kCBytes);
-    }
-    store_panel(sc.c, kStride, ra + rb, nb, n0, n_total, bias, y + r * n_total, false);
   }
 }
 #endif
@@ -518,22 +320,7 @@ torch::Tensor int_linear(const torch::Tensor& x, const torch::Tensor& packed, co
   const int64_t blocks = (out_features + kBlock - 1) / kBlock;
 #if defined(RADIXSERVE_INT_AMX)
   if (amx) {
-    const int64_t panels = (blocks + kAmxPanel - 1) / kAmxPanel;
-    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-      AmxScratch sc;
-      sc.b.resize(kAmxPanel * k / 2 * 32);
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t first_block = p * kAmxPanel;
-        const int nb = static_cast<int>(std::min<int64_t>(kAmxPanel, blocks - first_block));
-        const uint8_t* panel = w + first_block * L.block_bytes;
-        at::BFloat16* yb = static_cast<at::BFloat16*>(out);
-        if (L.int4)
-          amx_panel<true>(L, panel, nb, x_bf16, m, bias_ptr, first_block * kBlock, out_features, yb, sc);
-        else
-          amx_panel<false>(L, panel, nb, x_bf16, m, bias_ptr, first_block * kBlock, out_features, yb, sc);
-      }
-      if (sc.rows_a >= 0) _tile_release();
-    });
+    amx_linear(L, w, x_bf16, m, bias_ptr, out_features, static_cast<at::BFloat16*>(out));
     return y;
   }
 #endif

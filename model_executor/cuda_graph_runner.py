@@ -35,13 +35,13 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from layers.logits_processor import LogitsProcessorOutput
-from model_executor.forward_batch import ForwardBatch, ForwardMode
+from model_executor.forward_batch import ForwardBatch, ForwardMode, ints_to_device
 
 if TYPE_CHECKING:
     from model_executor.model_runner import ModelRunner
@@ -206,7 +206,8 @@ class CudaGraphRunner:
         # Where each new token goes among the graph's rows (None: in order, decode).
         dest = None
         if rows > 1:
-            dest = self._to_device([i * rows + j for i, n in enumerate(batch.extend_seq_lens_cpu) for j in range(n)])
+            dest = ints_to_device([i * rows + j for i, n in enumerate(batch.extend_seq_lens_cpu) for j in range(n)],
+                                  self.device)
         span = padded * rows
         _place(self.input_ids, batch.input_ids, dest, span, 0)
         _place(self.positions, batch.positions, dest, span, 0)
@@ -243,15 +244,9 @@ class CudaGraphRunner:
         # its last real row, then every guess's row but the last.
         last = [i * rows + n - 1 for i, n in enumerate(batch.extend_seq_lens_cpu)]
         earlier = [i * rows + j for i, n in enumerate(batch.extend_seq_lens_cpu) for j in range(n - 1)]
-        logits = out.all_logits[self._to_device(last + earlier)]
+        logits = out.all_logits[ints_to_device(last + earlier, self.device)]
         return LogitsProcessorOutput(logits[:bs], verify_logits=logits[bs:],
                                      hidden_states=None if hidden is None else hidden[dest])
-
-    def _to_device(self, values: Sequence[int]) -> torch.Tensor:
-        host = torch.tensor(values, dtype=torch.int64)
-        if self.device.type == "cuda":
-            host = host.pin_memory()  # a non_blocking copy from pinned memory does not wait for the GPU
-        return host.to(self.device, non_blocking=True)
 
 
 def _place(static: torch.Tensor, values: torch.Tensor, dest: torch.Tensor | None, span: int, fill: int) -> None:

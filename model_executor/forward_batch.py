@@ -109,15 +109,8 @@ class ForwardBatch:
                 f"{input_ids.shape[0]} input ids for {positions.shape[0]} new positions"
             )
 
-        pin = torch.device(device).type == "cuda"
-
         def to_device(values: Sequence[int] | torch.Tensor) -> torch.Tensor:
-            host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
-            # From pinned memory a non_blocking copy really is asynchronous;
-            # from pageable memory it would wait for the GPU.
-            return (host.pin_memory() if pin and host.device.type == "cpu" else host).to(
-                device, torch.int64, non_blocking=True
-            )
+            return ints_to_device(values, device)
 
         return cls(
             forward_mode=forward_mode,
@@ -140,6 +133,16 @@ class ForwardBatch:
             capture_hidden=capture_hidden,
             spec_hidden=spec_hidden,
         )
+
+
+def ints_to_device(values: Sequence[int] | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host integers as an int64 tensor on `device`, without waiting for the
+    GPU: from pinned memory a non_blocking copy really is asynchronous, from
+    pageable memory it would wait."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
+    if torch.device(device).type == "cuda" and host.device.type == "cpu":
+        host = host.pin_memory()
+    return host.to(device, torch.int64, non_blocking=True)
 
 
 def _positions(prefix_lens: list[int], extend_lens: list[int]) -> torch.Tensor:

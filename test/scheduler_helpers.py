@@ -1,4 +1,5 @@
-"""Drive an in-process Scheduler and collect what it reports."""
+"""Drive an in-process Scheduler and collect what it reports; for
+speculative decoding, also the same prompts through Engine at tp 1 and 2."""
 
 from __future__ import annotations
 
@@ -103,3 +104,21 @@ def drafting_workload(prompts: list[list[int]], lengths: list[int], sampled: boo
     params = [SamplingParams(max_new_tokens=n, temperature=0.8, top_k=30, seed=i) if sampled else greedy(n)
               for i, n in enumerate(lengths)]
     return [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+
+
+def speculative_engine_runs(model_path: str, algorithm: str, draft_path: str | None,
+                            prompts: list[list[int]]) -> dict[tuple[int, str | None], list[dict]]:
+    """Greedy Engine outputs of `prompts`, plain at tp 1 and with `algorithm`
+    at tp 1 and 2, keyed (tp_size, algorithm or None)."""
+    from runtime.engine import Engine
+
+    params = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
+    runs = {}
+    for tp, spec in ((1, None), (1, algorithm), (2, algorithm)):
+        kwargs = dict(speculative_algorithm=spec, speculative_draft_model_path=draft_path) if spec else {}
+        engine = Engine(model_path=model_path, dtype="float32", max_total_tokens=4096, tp_size=tp, **kwargs)
+        try:
+            runs[(tp, spec)] = engine.generate(input_ids=prompts, sampling_params=params)
+        finally:
+            engine.shutdown()
+    return runs

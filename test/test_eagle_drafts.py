@@ -15,8 +15,8 @@ from model_executor.model_config import ModelRunnerConfig
 from model_executor.model_runner import ModelRunner
 from model_helpers import make_prompts
 from runtime.demo_eagle import write_eagle_head
-from runtime.engine import Engine
-from scheduler_helpers import assert_no_leak, drafting_workload, greedy, make_scheduler, plain_outputs, run
+from scheduler_helpers import (assert_no_leak, drafting_workload, greedy, make_scheduler, plain_outputs, run,
+                               speculative_engine_runs)
 
 VOCAB = 4000
 
@@ -88,20 +88,10 @@ def test_retraction_rebuilds_the_head_state(tiny_llama, eagle_head):
 
 
 def test_engine_eagle_with_tp2(tiny_llama, eagle_head):
-    prompts = [p for _, p, _ in _workload()[:3]]
-    params = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
-    outputs = {}
-    for tp, spec in ((1, None), (1, "EAGLE"), (2, "EAGLE")):
-        kwargs = dict(speculative_algorithm=spec, speculative_draft_model_path=str(eagle_head)) if spec else {}
-        engine = Engine(model_path=str(tiny_llama), dtype="float32", max_total_tokens=4096, tp_size=tp, **kwargs)
-        try:
-            outs = engine.generate(input_ids=prompts, sampling_params=params)
-            outputs[(tp, spec)] = [o["output_ids"] for o in outs]
-            if spec:
-                assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in outs)
-        finally:
-            engine.shutdown()
-    assert outputs[(1, "EAGLE")] == outputs[(1, None)] == outputs[(2, "EAGLE")]
+    runs = speculative_engine_runs(str(tiny_llama), "EAGLE", str(eagle_head), [p for _, p, _ in _workload()[:3]])
+    assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in runs[(1, "EAGLE")] + runs[(2, "EAGLE")])
+    ids = {key: [o["output_ids"] for o in outs] for key, outs in runs.items()}
+    assert ids[(1, "EAGLE")] == ids[(1, None)] == ids[(2, "EAGLE")]
 
 
 def test_the_head_reads_each_position_with_the_token_after_it(tiny_llama, eagle_head):

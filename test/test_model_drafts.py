@@ -16,7 +16,8 @@ from model_helpers import make_prompts, make_runner
 from runtime.demo_model import demo_model_path
 from runtime.engine import Engine
 from runtime.server_args import ServerArgs
-from scheduler_helpers import assert_no_leak, drafting_workload, greedy, make_scheduler, plain_outputs, run
+from scheduler_helpers import (assert_no_leak, drafting_workload, greedy, make_scheduler, plain_outputs, run,
+                               speculative_engine_runs)
 
 VOCAB = 4000
 
@@ -111,17 +112,7 @@ def test_flags_and_vocabulary_are_checked(tmp_path):
 
 def test_engine_and_tp2_share_rank_zero_drafts():
     path = str(demo_model_path("qwen3", "tiny"))
-    prompts = [p for _, p, _ in _workload()[:3]]
-    params = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
-    outputs = {}
-    for tp, spec in ((1, None), (1, "STANDALONE"), (2, "STANDALONE")):
-        kwargs = dict(speculative_algorithm=spec, speculative_draft_model_path=path) if spec else {}
-        engine = Engine(model_path=path, dtype="float32", max_total_tokens=4096, tp_size=tp, **kwargs)
-        try:
-            outs = engine.generate(input_ids=prompts, sampling_params=params)
-            outputs[(tp, spec)] = [o["output_ids"] for o in outs]
-            if spec:
-                assert all(o["meta_info"]["spec_accepted_tokens"] > 0 for o in outs)
-        finally:
-            engine.shutdown()
-    assert outputs[(1, "STANDALONE")] == outputs[(1, None)] == outputs[(2, "STANDALONE")]
+    runs = speculative_engine_runs(path, "STANDALONE", path, [p for _, p, _ in _workload()[:3]])
+    assert all(o["meta_info"]["spec_accepted_tokens"] > 0 for o in runs[(1, "STANDALONE")] + runs[(2, "STANDALONE")])
+    ids = {key: [o["output_ids"] for o in outs] for key, outs in runs.items()}
+    assert ids[(1, "STANDALONE")] == ids[(1, None)] == ids[(2, "STANDALONE")]

@@ -179,6 +179,19 @@ def test_stops_inside_an_accepted_run_keep_nothing_past_them(tiny_qwen3, plain_o
     sched.shutdown()
 
 
+def test_eos_inside_an_accepted_run_keeps_nothing_past_it(tiny_qwen3, plain_outputs):
+    rid, prompt, _ = _workload()[6]  # the repeated passage: long accepted runs
+    plain = plain_outputs[rid]
+    eos = plain[30]
+    first = plain.index(eos)
+    sched = make_scheduler(tiny_qwen3, drafter=NgramProposer(1, 12, 8), eos=frozenset({eos}))
+    outcome = run(sched, [("eos", prompt, greedy(64))])["eos"]
+    assert outcome.output_ids == plain[: first + 1] and outcome.finish.kind == "stop"
+    assert sched.stats()["spec_accepted_tokens"] > 0
+    assert_no_leak(sched)
+    sched.shutdown()
+
+
 def test_flags_are_checked():
     path = str(demo_model_path("qwen3", "tiny"))
     with pytest.raises(ValueError, match="--speculative-algorithm must be one of NGRAM"):

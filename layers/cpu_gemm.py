@@ -1,9 +1,14 @@
-"""oneDNN-prepacked weights for linear layers on CPU.
+"""Packed bf16 weights for linear layers on CPU: oneDNN's layout and the
+native streaming kernel's, chosen by the CPU's level (layers/cpu_features.py).
 
 At decode batch sizes a CPU GEMM spends much of its time re-laying-out the
 weight; packing it once into oneDNN's blocked format makes bf16 linears
 ~20-35% faster at 16 rows on AVX-512 machines, with bit-identical bf16
 results (measured: benchmark/bench_one_batch.py --no-prepack for the A/B).
+oneDNN has a bf16 path only from AVX-512 BW/VL/DQ up (below, its prepack
+refuses): on an AVX2 CPU every row count runs the native kernel, which widens
+bf16 to fp32 in registers (what llama.cpp does there too), so the weights
+keep half the bytes of fp32 (RESULTS: "bf16 on AVX2").
 
 Only used for CPU bf16 models: fp32 is the parity reference and stays on
 plain `F.linear`; GPUs never take this path.
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from layers.cpu_features import IsaLevel, cpu_isa
 from layers.cpu_kernels import native_ops
 
 
@@ -35,19 +41,34 @@ def default_streaming_rows() -> int:
     Xeon with AMX (oneDNN's kernels there do worse at few rows): a whole
     decode step of 3, 4 and 6 sequences ran 1.23x, 1.20x and 1.16x as fast
     on the streaming kernel, even at 8 (benchmark/RESULTS.md): 6, the
-    kernel's register tile (above it the kernel splits K)."""
-    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return 6 if has_amx else 2
+    kernel's register tile (above it the kernel splits K). Below AVX-512
+    oneDNN has no bf16 path, and the streaming kernel takes every row count
+    (`CpuLinearWeight` without a oneDNN copy)."""
+    return 6 if cpu_isa().level >= IsaLevel.AMX else 2
 
 
 def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN's bf16 weight prepack runs here."""
     return (
         device.type == "cpu"
         and dtype == torch.bfloat16
+        and cpu_isa().onednn_bf16
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
+
+
+def streaming_supported() -> bool:
+    """Whether the native streaming bf16 kernel runs here (AVX2 and up)."""
+    ops = native_ops()
+    return ops is not None and ops.bf16_gemm_supported()
+
+
+def cpu_pack_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether CPU bf16 linears have a packed path here: oneDNN's, the
+    streaming kernel's, or both. Elsewhere they run torch's own F.linear."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and (prepack_supported(device, dtype) or streaming_supported())
 
 
 def prepack_weight(weight: torch.Tensor, batch_size_hint: int) -> torch.Tensor:
@@ -62,26 +83,38 @@ def packed_linear(
 
 @dataclass
 class CpuLinearWeight:
-    """A bf16 weight packed for CPU linears: oneDNN's layout for every batch,
-    and optionally the streaming kernel's for up to `streaming_rows` rows."""
+    """A bf16 weight packed for CPU linears: oneDNN's layout where the CPU
+    has oneDNN's bf16 path, and the streaming kernel's, for up to
+    `streaming_rows` rows beside oneDNN or for every row without it."""
 
-    onednn: torch.Tensor
+    onednn: torch.Tensor | None
     streaming: torch.Tensor | None
     out_features: int
     streaming_rows: int = 2
 
+    def __post_init__(self) -> None:
+        if self.onednn is None and self.streaming is None:
+            raise ValueError("a CPU linear weight needs oneDNN's layout or the streaming kernel's")
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.streaming is not None and x.dim() == 2 and x.shape[0] <= self.streaming_rows:
+        if self.streaming is not None and (self.onednn is None or x.shape[0] <= self.streaming_rows):
+            if x.dim() != 2:
+                return self(x.reshape(-1, x.shape[-1]), bias).reshape(*x.shape[:-1], self.out_features)
             ops = native_ops()
             assert ops is not None
             return ops.bf16_linear(x, self.streaming, bias, self.out_features)
+        assert self.onednn is not None
         return packed_linear(x, self.onednn, bias)
 
 
 def pack_cpu_linear(weight: torch.Tensor, batch_size_hint: int, small_batch_gemv: bool,
                     streaming_rows: int | None = None) -> CpuLinearWeight:
-    """`streaming_rows`: None for this CPU's default."""
-    ops = native_ops() if small_batch_gemv else None
-    streaming = ops.pack_bf16_weight(weight.detach()) if ops is not None and ops.bf16_gemm_supported() else None
+    """`streaming_rows`: None for this CPU's default. `small_batch_gemv`
+    False keeps only oneDNN's copy where oneDNN runs (below AVX-512 the
+    streaming copy is the only one)."""
+    onednn = prepack_weight(weight, batch_size_hint) if prepack_supported(weight.device, weight.dtype) else None
+    ops = native_ops()
+    wants_streaming = small_batch_gemv or onednn is None
+    streaming = ops.pack_bf16_weight(weight.detach()) if wants_streaming and streaming_supported() else None
     rows = default_streaming_rows() if streaming_rows is None else streaming_rows
-    return CpuLinearWeight(prepack_weight(weight, batch_size_hint), streaming, weight.shape[0], rows)
+    return CpuLinearWeight(onednn, streaming, weight.shape[0], rows)

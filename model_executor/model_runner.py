@@ -14,7 +14,7 @@ import torch
 
 from layers.activation import SiluAndMul
 from layers.attention.registry import backend_spec, create_attention_backend
-from layers.cpu_gemm import prepack_supported
+from layers.cpu_gemm import cpu_pack_supported
 from layers.linear import TPContext
 from layers.logits_processor import LogitsProcessorOutput
 from layers.quantization import CpuPackOptions, QuantizationConfig
@@ -123,7 +123,7 @@ class ModelRunner:
         registry.py); on CPU bf16 every dense linear packs its weight for the
         CPU kernels (layers/cpu_gemm.py)."""
         pack = None
-        if config.cpu_weight_prepack and prepack_supported(self.device, self.dtype):
+        if config.cpu_weight_prepack and cpu_pack_supported(self.device, self.dtype):
             pack = CpuPackOptions(min(config.max_running_requests, 16), config.cpu_small_batch_gemv,
                                   config.cpu_streaming_rows)
         return resolve_quantization(self.model_config.quantization_config, config.quantization, pack)

@@ -7,6 +7,7 @@ import pathlib
 import pytest
 import torch
 
+from native_helpers import cpu_level  # noqa: F401 (a fixture: tests run at a capped CPU level)
 from runtime.demo_model import demo_model_path
 
 # Each parity case: (id, demo_model_path kwargs).

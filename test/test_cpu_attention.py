@@ -17,14 +17,15 @@ from layers.attention.torch_native import TorchNativeAttnBackend
 from layers.radix_attention import RadixAttention
 from mem_cache.memory_pool import KVPool, ReqToTokenPool
 from model_executor.forward_batch import ForwardBatch, ForwardMode
-from native_helpers import built_native_ops, requires_native_kernels
+from native_helpers import built_native_ops, level_params, requires_native_kernels
 
 pytestmark = requires_native_kernels
 
 
-@pytest.fixture(scope="module")
-def ops():
-    return built_native_ops()
+@pytest.fixture(scope="module", params=level_params())
+def ops(request):
+    """The kernels at every level this CPU has (the portable unit included)."""
+    return built_native_ops().at(request.param)
 
 
 def reference_attention(q, k_cache, v_cache, req_to_token, rows, prefix, extend, scale):

@@ -11,14 +11,15 @@ import layers.activation as activation
 from layers.activation import SiluAndMul
 from layers.rotary import RotaryEmbedding, apply_rotary
 from model_helpers import make_runner
-from native_helpers import built_native_ops, requires_native_kernels
+from native_helpers import built_native_ops, level_params, requires_native_kernels
 
 pytestmark = requires_native_kernels
 
 
-@pytest.fixture(scope="module")
-def ops():
-    return built_native_ops()
+@pytest.fixture(scope="module", params=level_params())
+def ops(request):
+    """The kernels at every level this CPU has (the portable unit included)."""
+    return built_native_ops().at(request.param)
 
 
 def torch_attention_input(qkv, q_weight, k_weight, eps, rope, heads, kv_heads, head_dim):
@@ -89,6 +90,7 @@ def test_silu_and_mul_matches_torch(ops, tokens, width, monkeypatch):
     # Wide range: exercises exp far into both tails, and exact zeros.
     x = (6 * torch.randn(tokens, 2 * width, generator=gen)).bfloat16()
     x[0, :3] = torch.tensor([0.0, -100.0, 100.0])
+    monkeypatch.setattr(activation, "native_ops", lambda: ops)
     ours = SiluAndMul()(x)
     monkeypatch.setattr(activation, "native_ops", lambda: None)
     theirs = SiluAndMul()(x)
@@ -104,7 +106,8 @@ def test_strided_rows_go_through_the_kernel(ops):
     assert torch.equal(ops.silu_and_mul_bf16(x), ops.silu_and_mul_bf16(x.contiguous()))
 
 
-def test_model_decode_is_unchanged_by_the_fused_attention_input(ops, tiny_qwen3):
+@pytest.mark.parametrize("cpu_level", level_params(), indirect=True)
+def test_model_decode_is_unchanged_by_the_fused_attention_input(cpu_level, tiny_qwen3):
     """A bf16 Qwen3 model (q/k norms) through the cpu backend: prefill, a
     mixed step and decodes give the same logits with the fused kernel and
     with the torch ops (cpu_fused_ops off)."""

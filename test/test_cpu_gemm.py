@@ -9,17 +9,25 @@ import torch
 
 from layers.cpu_gemm import default_streaming_rows, pack_cpu_linear, prepack_supported
 from model_helpers import make_runner
-from native_helpers import built_native_ops, requires_native_kernels
+from layers.cpu_features import IsaLevel
+from native_helpers import built_native_ops, level_params, requires_native_kernels
 
 pytestmark = requires_native_kernels
 
 
 @pytest.fixture(scope="module")
 def ops():
+    """The kernels at this process's level."""
     built = built_native_ops()
     if not built.bf16_gemm_supported():
-        pytest.skip("this CPU has no AVX-512: the streaming linear is not built")
+        pytest.skip("this CPU has no AVX2: the streaming linear does not run")
     return built
+
+
+@pytest.fixture(scope="module", params=level_params(IsaLevel.AVX2))
+def level_ops(request):
+    """The kernels at each level that has the streaming linear (AVX2, AVX-512)."""
+    return built_native_ops().at(request.param)
 
 
 def reference(x, weight, bias):
@@ -32,24 +40,49 @@ def reference(x, weight, bias):
 @pytest.mark.parametrize("out_features,in_features", [(1, 3), (33, 70), (48, 64), (200, 300), (96, 601)])
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_streaming_linear_matches_fp32_reference(ops, out_features, in_features, rows, with_bias):
+def test_streaming_linear_matches_fp32_reference(level_ops, out_features, in_features, rows, with_bias):
     gen = torch.Generator().manual_seed(out_features * 1000 + rows)
     weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
     bias = torch.randn(out_features, generator=gen).bfloat16() if with_bias else None
     x = torch.randn(rows, in_features, generator=gen).bfloat16()
-    out = ops.bf16_linear(x, ops.pack_bf16_weight(weight), bias, out_features)
+    out = level_ops.bf16_linear(x, level_ops.pack_bf16_weight(weight), bias, out_features)
     expected = reference(x, weight, bias)
     assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
     # fp32 accumulation in another order, then one rounding to bf16.
     torch.testing.assert_close(out.float(), expected, rtol=8e-3, atol=8e-3 * expected.abs().max().item())
 
 
-def test_streaming_linear_refuses_a_mismatched_input(ops):
-    packed = ops.pack_bf16_weight(torch.randn(32, 64).bfloat16())
+def test_streaming_linear_refuses_a_mismatched_input(level_ops):
+    packed = level_ops.pack_bf16_weight(torch.randn(32, 64).bfloat16())
     with pytest.raises(RuntimeError, match="does not fit the packed weight"):
-        ops.bf16_linear(torch.randn(1, 63).bfloat16(), packed, None, 32)
+        level_ops.bf16_linear(torch.randn(1, 63).bfloat16(), packed, None, 32)
     with pytest.raises(RuntimeError, match="must be"):
-        ops.bf16_linear(torch.randn(1, 64), packed, None, 32)
+        level_ops.bf16_linear(torch.randn(1, 64), packed, None, 32)
+
+
+def test_the_portable_level_has_no_streaming_linear():
+    generic = built_native_ops().at(IsaLevel.GENERIC)
+    assert not generic.bf16_gemm_supported()
+    with pytest.raises(RuntimeError, match="needs AVX2 or AVX-512"):
+        generic.bf16_linear(torch.randn(1, 64).bfloat16(), generic.pack_bf16_weight(torch.randn(32, 64).bfloat16()),
+                            None, 32)
+
+
+@pytest.mark.parametrize("cpu_level", level_params(IsaLevel.AVX2)[:1], indirect=True)
+def test_below_avx512_every_row_count_streams_and_onednn_is_never_asked(cpu_level):
+    """An AVX2 CPU: oneDNN's bf16 prepack would refuse there, so the layer
+    keeps only the streaming copy and serves every row count from it."""
+    weight = torch.randn(80, 96).bfloat16()
+    bias = torch.randn(80).bfloat16()
+    assert not prepack_supported(torch.device("cpu"), torch.bfloat16)
+    packed = pack_cpu_linear(weight, batch_size_hint=16, small_batch_gemv=False)
+    assert packed.onednn is None and packed.streaming is not None
+    for rows in (1, 3, 7, 64):
+        x = torch.randn(rows, 96).bfloat16()
+        expected = reference(x, weight, bias)
+        torch.testing.assert_close(packed(x, bias).float(), expected, rtol=8e-3, atol=8e-3 * expected.abs().max().item())
+    x = torch.randn(2, 5, 96).bfloat16()  # leading dims pass through
+    assert torch.equal(packed(x, None), packed(x.reshape(10, 96), None).reshape(2, 5, 80))
 
 
 @pytest.mark.skipif(not prepack_supported(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16")

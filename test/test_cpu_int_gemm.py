@@ -1,4 +1,4 @@
-"""The native int8 / int4 linear (layers/cpu_kernels/int_gemm.cpp, wrapped by
+"""The native int8 / int4 linear (layers/cpu_kernels/int_gemm.inc, wrapped by
 layers/quantization/cpu_int_gemm.py) against an fp32 reference, through both
 of its kernels, and its None answer where the native kernels are off.
 
@@ -22,17 +22,24 @@ import torch
 
 import layers.quantization.cpu_int_gemm as cpu_int_gemm
 from layers.quantization.cpu_int_gemm import AMX_MIN_ROWS, CpuIntLinearWeight, pack_cpu_int_linear
-from native_helpers import built_native_ops, requires_native_kernels
+from layers.cpu_features import IsaLevel
+from native_helpers import built_native_ops, level_params, requires_native_kernels
 
 ROWS = (1, 2, 3, 7, 32, 65)  # one FMA tile and less, two tiles, AMX passes of 32 rows and a tail
 
 
-@pytest.fixture(scope="module")
-def ops():
-    built = built_native_ops()
-    if not built.int_gemm_supported():
-        pytest.skip("this CPU has no AVX-512: the int8 / int4 kernels are not built")
-    return built
+@pytest.fixture(scope="module", params=level_params(IsaLevel.AVX2))
+def ops(request):
+    """The kernels at each level that has them (AVX2, AVX-512, AMX)."""
+    return built_native_ops().at(request.param)
+
+
+@pytest.fixture(autouse=True)
+def layers_at_the_level(request, monkeypatch):
+    """The packed layer (`CpuIntLinearWeight`) calls the same level's kernels."""
+    if "ops" in request.fixturenames:
+        ops = request.getfixturevalue("ops")
+        monkeypatch.setattr(cpu_int_gemm, "native_ops", lambda: ops)
 
 
 def canonical(gen, n, k, group, bits, with_offset):

@@ -9,15 +9,17 @@ import torch
 
 import layers.layernorm as layernorm
 from layers.layernorm import RMSNorm
-from native_helpers import built_native_ops, requires_native_kernels
+from native_helpers import built_native_ops, level_params, requires_native_kernels
 
 pytestmark = requires_native_kernels
 
 
 @pytest.mark.parametrize("hidden", [128, 768, 1001])
 @pytest.mark.parametrize("tokens", [1, 5, 40])
-def test_native_rms_norm_matches_torch(hidden, tokens, monkeypatch):
-    built_native_ops()
+@pytest.mark.parametrize("level", level_params())
+def test_native_rms_norm_matches_torch(level, hidden, tokens, monkeypatch):
+    ops = built_native_ops().at(level)
+    monkeypatch.setattr(layernorm, "native_ops", lambda: ops)
     gen = torch.Generator().manual_seed(hidden + tokens)
     norm = RMSNorm(hidden, 1e-6)
     norm.weight.data = torch.randn(hidden, generator=gen) * 0.5 + 1

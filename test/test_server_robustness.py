@@ -99,21 +99,257 @@ def test_out_of_vocabulary_ids_are_400_on_every_route(server):
 
 
 def test_body_over_the_limit_is_413_and_never_read_whole(server):
-    # A declared length over 32 MiB is refused before its body is sent.
-    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as sock:
+    port = int(server.url.rsplit(":", 1)[1])
+    # A declared length far over the 32 MiB limit (past the 128 MiB the server
+    # would read and drop) is refused before its body is sent.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 40000000\r\n\r\n{\"text\": \"")
+                     b"Content-Length: 400000000000\r\n\r\n{\"text\": \"")
         reply = b""
         while chunk := sock.recv(4096):  # the server closes after its answer
             reply += chunk
         reply = reply.decode()
     assert reply.startswith("HTTP/1.1 413"), reply
     assert "--max-request-body-mb" in reply
+    # 3x the limit is read to its end and dropped, so a client that writes its
+    # whole body before it reads (urllib, requests, httpx) gets the 413, not a reset.
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as refused:  # a reset would be a URLError
+        urllib.request.urlopen(server.url + "/generate", data=b"x" * (96 << 20), timeout=60)
+    assert refused.value.code == 413
+    assert "--max-request-body-mb" in json.loads(refused.value.read())["error"]["message"]
     # A chunked body (no Content-Length) is counted as it arrives.
     chunks = (b"x" * (1 << 20) for _ in range(40))
     r = requests.post(server.url + "/generate", data=chunks, timeout=60)
     assert r.status_code == 413
     assert post(server, "/generate", {"text": "fine", "sampling_params": greedy(2)}).status_code == 200
+
+
+# The 413 itself, on a bare uvicorn run as the server runs it (uvloop; h11, and
+# httptools too where installed, which uvicorn then prefers) with a 4 MiB limit:
+# big enough that a body 3x over it does not fit in loopback's socket buffers,
+# so a server that answered and closed while the client still wrote would
+# reach the client as a reset.
+GUARD_LIMIT = 4 << 20
+
+
+async def _echo_size(scope, receive, send):
+    """The route behind the guard: how big a body it was handed, and on which client port."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    size, more = 0, True
+    while more:
+        message = await receive()
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = json.dumps({"size": size, "port": scope["client"][1]}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _http_impls():
+    impls = ["h11"]
+    try:
+        import httptools  # noqa: F401  (uvicorn's "auto" takes it when installed)
+        impls.append("httptools")
+    except ImportError:
+        pass
+    return impls
+
+
+@pytest.fixture(scope="module", params=_http_impls())
+def guarded(request):
+    """A real uvicorn on a free port, its app `BodySizeLimitMiddleware` in front of `_echo_size`."""
+    import uvicorn
+
+    from runtime.asgi_guards import BodySizeLimitMiddleware
+
+    port = free_port()
+    app = BodySizeLimitMiddleware(_echo_size, GUARD_LIMIT, drain_bytes=4 * GUARD_LIMIT)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http=request.param,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    assert wait_until(lambda: srv.started, 10)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def _assert_413(status, body: bytes):
+    assert status == 413
+    error = json.loads(body)["error"]
+    assert error["code"] == 413 and error["type"] == "invalid_request_error"
+    assert "limit of 4 MiB (--max-request-body-mb)" in error["message"]
+
+
+def _chunks(size, step=64 << 10):
+    for start in range(0, size, step):
+        yield b"x" * min(step, size - start)
+
+
+def _urllib_post(url, data, headers=None):
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers or {}), timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _httpx():
+    try:
+        import httpx
+    except ImportError:  # the name the openai client's HTTP library goes by in newer releases
+        httpx = pytest.importorskip("httpx2")
+    return httpx
+
+
+@pytest.mark.parametrize("client, chunked", [
+    pytest.param(client, chunked, id=f"{client}-{'chunked' if chunked else 'content-length'}")
+    for client in ("requests", "urllib", "httpx", "openai") for chunked in (False, True)
+    if not (client == "openai" and chunked)  # the openai client always sends a Content-Length
+])
+def test_a_body_over_the_limit_is_a_413_the_client_reads(guarded, client, chunked):
+    """Clients write their whole body before they read: the 413 waits for it
+    (read and dropped), so they get the answer instead of a reset, and the
+    connection stays open for the next request."""
+    url = guarded + "/v1/completions"
+    big = 3 * GUARD_LIMIT
+    fits = GUARD_LIMIT  # exactly the limit is fine
+
+    def data(size):
+        return _chunks(size) if chunked else b"x" * size
+
+    if client == "requests":
+        with requests.Session() as session:
+            ok = session.post(url, data=data(fits), timeout=30)
+            assert ok.status_code == 200 and ok.json()["size"] == fits
+            r = session.post(url, data=data(big), timeout=30)
+            _assert_413(r.status_code, r.content)
+            after = session.post(url, data=data(fits), timeout=30)
+            assert after.status_code == 200 and after.json()["size"] == fits
+            assert after.json()["port"] == ok.json()["port"], "the connection was not kept for the next request"
+    elif client == "urllib":
+        _assert_413(*_urllib_post(url, data(big)))
+        status, body = _urllib_post(url, data(fits))
+        assert status == 200 and json.loads(body)["size"] == fits
+    elif client == "httpx":
+        with _httpx().Client(timeout=30) as http:
+            ok = http.post(url, content=data(fits))
+            assert ok.status_code == 200 and ok.json()["size"] == fits
+            r = http.post(url, content=data(big))
+            _assert_413(r.status_code, r.content)
+            after = http.post(url, content=data(fits))
+            assert after.status_code == 200 and after.json()["size"] == fits
+            assert after.json()["port"] == ok.json()["port"], "the connection was not kept for the next request"
+    else:
+        openai = pytest.importorskip("openai")
+        oa = openai.OpenAI(base_url=guarded + "/v1", api_key="x", max_retries=0, timeout=30)
+        with pytest.raises(openai.APIStatusError) as refused:  # not APIConnectionError
+            oa.completions.create(model="default", prompt="x" * big, max_tokens=1)
+        assert refused.value.status_code == 413
+        assert "--max-request-body-mb" in refused.value.message
+        ok = requests.post(url, data=b"x" * fits, timeout=30)
+        assert ok.status_code == 200 and ok.json()["size"] == fits
+
+
+def _connect(url):
+    return socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10)
+
+
+def _read_response(sock, buf=b""):
+    """One response (status, lowercased headers, body; an interim 1xx has no body) and what came after it."""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed mid-response: {buf!r}"
+        buf += chunk
+    head, buf = buf.split(b"\r\n\r\n", 1)
+    status_line, *lines = head.decode().split("\r\n")
+    status = int(status_line.split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    length = 0 if status < 200 else int(headers.get("content-length", 0))
+    while len(buf) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed mid-body"
+        buf += chunk
+    return status, headers, buf[:length], buf[length:]
+
+
+def _post_head(extra: bytes) -> bytes:
+    return b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + extra + b"\r\n"
+
+
+def _send_chunked(sock, size):
+    for chunk in _chunks(size):
+        sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    sock.sendall(b"0\r\n\r\n")
+
+
+def test_expect_100_continue_over_the_limit_is_refused_before_the_body_is_sent(guarded):
+    big = 3 * GUARD_LIMIT
+    # A declared length over the limit: 413 at once, no 100 Continue, and the
+    # connection closed, so the body the client now will not send cannot be
+    # waited for or taken for its next request.
+    with _connect(guarded) as sock:
+        sock.sendall(_post_head(b"Expect: 100-continue\r\nContent-Length: %d\r\n" % big))
+        status, headers, body, rest = _read_response(sock)
+        _assert_413(status, body)
+        assert headers.get("connection") == "close"
+        assert rest == b"" and sock.recv(1) == b"", "the connection was left open"
+    # Under the limit: 100 Continue, the body, a 200, and the connection serves another request.
+    with _connect(guarded) as sock:
+        sock.sendall(_post_head(b"Expect: 100-continue\r\nContent-Length: %d\r\n" % GUARD_LIMIT))
+        status, _, _, rest = _read_response(sock)
+        assert status == 100
+        sock.sendall(b"x" * GUARD_LIMIT)
+        status, _, body, rest = _read_response(sock, rest)
+        assert status == 200 and json.loads(body)["size"] == GUARD_LIMIT
+        # Chunked, so no length to refuse up front: 100 Continue, the body is read and dropped, 413.
+        sock.sendall(_post_head(b"Expect: 100-continue\r\nTransfer-Encoding: chunked\r\n"))
+        status, _, _, rest = _read_response(sock, rest)
+        assert status == 100
+        _send_chunked(sock, big)
+        status, headers, body, rest = _read_response(sock, rest)
+        _assert_413(status, body)
+        assert headers.get("connection") != "close"
+        sock.sendall(_post_head(b"Content-Length: 2\r\n") + b"{}")
+        status, _, body, _ = _read_response(sock, rest)
+        assert status == 200 and json.loads(body)["size"] == 2
+
+
+def test_a_body_far_over_the_limit_is_not_read_to_its_end(guarded):
+    """Past `drain_bytes` (16 MiB here) the server stops reading, answers and closes."""
+    # A declared length past it: answered before the body is sent.
+    with _connect(guarded) as sock:
+        sock.sendall(_post_head(b"Content-Length: %d\r\n" % (1 << 40)) + b"x" * 1000)
+        status, headers, body, _ = _read_response(sock)
+        _assert_413(status, body)
+        assert headers.get("connection") == "close"
+    # A chunked body that never ends: cut off once past it, not read forever.
+    sent = 0
+    with _connect(guarded) as sock:
+        sock.sendall(_post_head(b"Transfer-Encoding: chunked\r\n"))
+        chunk = b"%x\r\n%s\r\n" % (1 << 20, b"x" * (1 << 20))
+        try:  # a timeout here would mean the server stopped reading without closing
+            while sent < (1 << 30):
+                sock.sendall(chunk)
+                sent += 1 << 20
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        else:
+            pytest.fail("the server read 1 GiB of a refused body")
+    # Loopback's socket buffers can take a few dozen MiB more than the server read.
+    assert sent < 4 * GUARD_LIMIT + (64 << 20)
+    assert requests.post(guarded + "/v1/completions", data=b"{}", timeout=30).status_code == 200
 
 
 def test_a_huge_prompt_does_not_stall_other_routes(server):

@@ -8,10 +8,6 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#endif
-
 namespace radixserve {
 
 inline float widen(uint16_t bits) {
@@ -51,16 +47,5 @@ inline float exp_nonpositive(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-// 16 finite fp32 values -> bf16 bits, rounded to nearest even as `narrow`
-// (the GEMM kernels' output rounding, as a bf16 cast or oneDNN rounds).
-inline __m256i narrow_x16(__m512 values) {
-  const __m512i bits = _mm512_castps_si512(values);
-  const __m512i rounding =
-      _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, rounding), 16));
-}
-#endif
 
 }  // namespace radixserve

@@ -1,5 +1,6 @@
 """Weight-only int8 / int4 linear layers on CPU, on the native kernel in
-layers/cpu_kernels/int_gemm.cpp.
+layers/cpu_kernels/int_gemm.inc
+(AVX-512 and AVX2 variants, AMX tiles for many rows).
 
 Every integer checkpoint format (GPTQ, AWQ, compressed-tensors, int8 made on
 the fly) is first converted to one canonical form: `q` [N, K] int8 (bits 4:
@@ -11,7 +12,7 @@ the fly) is first converted to one canonical form: `q` [N, K] int8 (bits 4:
 (scales and offsets travel inside it); the result computes
 `y = x @ w.T + bias` for x [M, K] bf16 or fp32, like the dense
 `CpuLinearWeight`. It returns None where the native kernels are unavailable
-(RADIXSERVE_NO_NATIVE_KERNELS=1, no compiler, no AVX-512): the caller then
+(RADIXSERVE_NO_NATIVE_KERNELS=1, no compiler, a CPU without AVX2): the caller then
 dequantizes to a dense weight.
 
 Which kernel runs is the row count's choice. Measured on the small demo
@@ -64,7 +65,7 @@ AMX_MIN_ROWS = 7
 
 
 def cpu_int_gemm_supported() -> bool:
-    """Whether the native int8 / int4 kernels are built (they need AVX-512)."""
+    """Whether the native int8 / int4 kernels run here (they need AVX2 or AVX-512)."""
     ops = native_ops()
     return ops is not None and ops.int_gemm_supported()
 

@@ -61,14 +61,36 @@ class DrainMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """A declared `Content-Length` over the limit is refused before anything
-    is read; any other body is read here, counted as it arrives, and refused
-    as soon as it passes the limit. Under the limit, the route is handed the
-    body it would have read anyway, so no route holds more than `max_bytes`."""
+    """A body over `max_bytes` is a 413, and no route ever sees it. Under the
+    limit, the route is handed the body it would have read anyway, so no
+    route holds more than `max_bytes`.
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    The 413 is sent only once the client has sent its whole body (read here
+    and dropped, never kept): a client writes its whole body before it reads
+    the answer (urllib, requests, httpx), and a connection closed while it
+    still writes reaches it as a reset or a broken pipe instead of the 413.
+    With the body read to its end the connection stays open for the next
+    request. Two bodies are refused at once, unread, with `Connection:
+    close`: a declared `Content-Length` over `drain_bytes`, and a declared
+    length over the limit with `Expect: 100-continue` (uvicorn sends the
+    100 Continue on the first `receive()`, so such a client never sends the
+    body it was refused; closing keeps its unsent body from being parsed as
+    the next request). A chunked body that passes `drain_bytes` is answered
+    and closed there."""
+
+    def __init__(self, app: Any, max_bytes: int, drain_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # How much of a refused body is still read (and dropped) so that its
+        # client gets the 413: the whole body up to 4x the limit, and never less
+        # than the limit plus 64 MiB. Reading it costs no memory (each chunk is
+        # dropped, and uvicorn buffers at most 64 KiB of it) and, on loopback,
+        # well under a second per 64 MiB; what it bounds is the time and
+        # bandwidth a client can make us spend on a body we refuse. A body a few
+        # times the limit is an honest mistake (a prompt or a batch too big)
+        # and its client deserves a readable answer; past that the client sends
+        # far more than anyone could mean, and is answered and cut off as before.
+        self.drain_bytes = drain_bytes if drain_bytes is not None else max(4 * max_bytes, max_bytes + (64 << 20))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,7 +98,10 @@ class BodySizeLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await self._refuse(send)
+            if declared > self.drain_bytes or _expects_100_continue(scope):
+                await self._refuse(send, close=True)
+            else:
+                await self._refuse_after_reading(receive, send, seen=0)
             return
         chunks: list[bytes] = []
         size = 0
@@ -86,11 +111,16 @@ class BodySizeLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
+            more_body = message.get("more_body", False)
             if size > self.max_bytes:
-                await self._refuse(send)
+                chunks.clear()
+                if more_body:
+                    await self._refuse_after_reading(receive, send, seen=size)
+                else:
+                    await self._refuse(send, close=False)
                 return
             chunks.append(chunk)
-            if not message.get("more_body", False):
+            if not more_body:
                 break
         body = b"".join(chunks)
         replayed = False
@@ -104,11 +134,30 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay_then_receive, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse_after_reading(self, receive: Receive, send: Send, seen: int) -> None:
+        """Read the rest of the body and drop it, up to `drain_bytes` in all
+        (`seen` of them read already), then answer 413; close the connection
+        unless the body was read to its end."""
+        while seen <= self.drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: nobody to answer
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                await self._refuse(send, close=False)
+                return
+        await self._refuse(send, close=True)
+
+    async def _refuse(self, send: Send, close: bool) -> None:
         limit_mib = self.max_bytes / (1 << 20)
         message = f"the request body is larger than the server's limit of {limit_mib:g} MiB (--max-request-body-mb)"
-        # Close: the rest of the body is still on its way and is not read.
-        await send_error(send, 413, message, "invalid_request_error", ((b"connection", b"close"),))
+        # `close` when the rest of the body is not read: it must not be taken for the next request.
+        headers = ((b"connection", b"close"),) if close else ()
+        await send_error(send, 413, message, "invalid_request_error", headers)
+
+
+def _expects_100_continue(scope: Scope) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope.get("headers", ()))
 
 
 def _content_length(scope: Scope) -> int | None:

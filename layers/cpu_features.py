@@ -203,3 +203,12 @@ def log_cpu_isa() -> None:
     logger.info("CPU: %s, level %s (detected %s%s), features from %s: %s", info["arch"], info["level"],
                 info["detected_level"], f", capped by {CAP_ENV}" if isa.cap is not None else "",
                 info["features_source"], " ".join(info["features"]) or "none")
+
+
+def cpu_report() -> dict:
+    """`describe()` plus the variant each native kernel runs (none: torch's
+    path), for /server_info."""
+    from layers.cpu_kernels import native_ops
+
+    ops = native_ops()
+    return {**cpu_isa().describe(), "kernels": dict(ops.kernel_units()) if ops is not None else "torch (not built)"}

@@ -72,6 +72,8 @@ class SchedulerReady:
     device: str
     # the model's quantization (QuantizationConfig.describe) and weight bytes per rank
     quantization: dict = field(default_factory=dict)
+    # on CPU: the instruction-set level and each kernel's variant (layers/cpu_features.cpu_report)
+    cpu: dict | None = None
 
 
 @dataclass

@@ -132,6 +132,7 @@ def run_scheduler_process(
                 dtype=str(runner.dtype).removeprefix("torch."),
                 device=str(runner.device),
                 quantization=runner.quantization_info,
+                cpu=runner.cpu_info,
             )
         )
     except BaseException as err:

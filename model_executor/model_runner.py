@@ -14,6 +14,7 @@ import torch
 
 from layers.activation import SiluAndMul
 from layers.attention.registry import backend_spec, create_attention_backend
+from layers.cpu_features import cpu_report, log_cpu_isa
 from layers.cpu_gemm import cpu_pack_supported
 from layers.linear import TPContext
 from layers.logits_processor import LogitsProcessorOutput
@@ -59,6 +60,11 @@ class ModelRunner:
             trust_remote_code=config.trust_remote_code,
         )
         self.dtype = self.model_config.dtype
+        # What the CPU runs (its level and each kernel's variant): logged
+        # once, reported in /server_info.
+        self.cpu_info = cpu_report() if self.device.type == "cpu" else None
+        if self.cpu_info is not None and config.tp_rank == 0:
+            log_cpu_isa()
         self.tp = tp_group.tp_context(config.ep_size) if tp_group is not None else TPContext(ep_size=config.ep_size)
         quant_config = self._quant_config(config)
         self.model = load_model(self.model_config, self.device, self.tp, config.load_format, config.random_seed,

@@ -161,6 +161,7 @@ class Engine:
         info = dataclasses.asdict(self.server_args)
         info["internal_states"] = self._run(self.tokenizer_manager.get_internal_states())
         info["max_total_num_tokens"] = self.children.ready.max_total_num_tokens
+        info["cpu"] = self.children.ready.cpu
         return info
 
     def shutdown(self) -> None:

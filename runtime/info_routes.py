@@ -81,6 +81,7 @@ def register_info_routes(app: FastAPI, server_args: ServerArgs, children: ChildP
             # Settings are for dashboards and routers; the key is not theirs to copy.
             "api_key": "<set>" if server_args.api_key else None,
             "max_total_num_tokens": ready.max_total_num_tokens,
+            "cpu": ready.cpu,
             "internal_states": states,
             "processes": {name: proc.pid for name, proc in children.processes.items()},
             "version": version,

@@ -7,6 +7,7 @@ import torch
 
 from model_executor.batch_runner import BatchRunner
 from model_helpers import hf_greedy, hf_logits, hf_model, make_prompts, make_runner, our_greedy
+from native_helpers import level_params
 
 PROMPT_LENGTHS = [5, 17, 33, 64]
 DECODE_STEPS = 16
@@ -44,11 +45,25 @@ def _teacher_forced_logits(runner, prompts, continuations, all_logits_for_prompt
 
 # cpu: the native paged kernel (layers/cpu_kernels), or its torch fallback where it cannot be built.
 BACKENDS = ["torch_native", "cpu"]
+# The cpu backend at every CPU level this machine has (the top one runs as
+# "cpu" above): each level's kernels carry whole models to the same bar.
+LOWER_LEVELS = [param for param in level_params() if param.values[0] < max(p.values[0] for p in level_params())]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_logits_match_transformers(parity_model, dtype, backend):
+    _check_logits_against_transformers(parity_model, dtype, backend)
+
+
+@pytest.mark.parametrize("cpu_level", LOWER_LEVELS, indirect=True)
+def test_bf16_logits_match_transformers_at_lower_cpu_levels(parity_model, cpu_level):
+    """bf16 is where the levels differ most (linears, norms, rope); fp32's
+    level-dependent part, attention, is in the greedy test below."""
+    _check_logits_against_transformers(parity_model, "bfloat16", "cpu")
+
+
+def _check_logits_against_transformers(parity_model, dtype, backend):
     torch_dtype = getattr(torch, dtype)
     reference = hf_model(parity_model, torch_dtype)
     runner = make_runner(parity_model, dtype=dtype, attention_backend=backend)
@@ -88,6 +103,15 @@ def test_logits_match_transformers(parity_model, dtype, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_greedy_tokens_match_transformers_generate(parity_model, backend):
+    _check_greedy_against_transformers(parity_model, backend)
+
+
+@pytest.mark.parametrize("cpu_level", LOWER_LEVELS, indirect=True)
+def test_greedy_tokens_match_transformers_at_lower_cpu_levels(parity_model, cpu_level):
+    _check_greedy_against_transformers(parity_model, "cpu")
+
+
+def _check_greedy_against_transformers(parity_model, backend):
     reference = hf_model(parity_model, torch.float32)
     runner = make_runner(parity_model, dtype="float32", attention_backend=backend)
     prompts = make_prompts(PROMPT_LENGTHS, runner.model_config.vocab_size, seed=2)

@@ -25,6 +25,7 @@ by default.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -48,15 +49,21 @@ def default_streaming_rows() -> int:
 
 
 def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether oneDNN's bf16 weight prepack runs here."""
-    return (
-        device.type == "cpu"
-        and dtype == torch.bfloat16
-        and cpu_isa().onednn_bf16
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    """Whether oneDNN's bf16 weight prepack runs here: the CPU's level allows
+    it and oneDNN agrees (ONEDNN_MAX_CPU_ISA can hold oneDNN below the CPU)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and cpu_isa().onednn_bf16 and _onednn_prepacks_bf16()
+
+
+@functools.cache
+def _onednn_prepacks_bf16() -> bool:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        prepack_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+    except RuntimeError:
+        return False
+    return True
 
 
 def streaming_supported() -> bool:

@@ -77,6 +77,7 @@ def test_progress_bar_and_server_info(engine, capsys):
     info = engine.get_server_info()
     state = info["internal_states"][0]
     assert info["model_path"] and state["kv_capacity_tokens"] == 8192
+    assert info["cpu"]["level"] in ("generic", "avx2", "avx512", "amx") and info["cpu"]["features"]
     assert engine.flush_cache()
     assert engine.get_server_info()["internal_states"][0]["kv_used_tokens"] == 0
 

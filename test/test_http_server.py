@@ -257,6 +257,11 @@ def test_sglang_route_names_answer_like_the_get_forms(server):
     assert model_info["model_type"] == "qwen3" and model_info["architectures"] == ["Qwen3ForCausalLM"]
     new, old = get("/server_info"), get("/get_server_info")
     assert set(new) == set(old) and new["version"] and new["tp_size"] == 1
+    # The scheduler's CPU: what it detected, the level it runs, each kernel's variant.
+    cpu = new["cpu"]
+    assert cpu["level"] in ("generic", "avx2", "avx512", "amx") and cpu["features_source"] in ("cpuid", "torch", "hwcap")
+    assert cpu["level"] == cpu["detected_level"] or cpu["cap"]
+    assert isinstance(cpu["kernels"], str) or cpu["kernels"]["rms_norm_bf16"] != "none"
     assert {k: v for k, v in new.items() if k != "internal_states"} == {k: v for k, v in old.items() if k != "internal_states"}
     (load,) = get("/get_load")
     assert set(load) == {"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"} and load["dp_rank"] == 0

@@ -24,24 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 
-# What each level lets torch's libraries use: oneDNN's, ATen's and MKL's own caps.
-EMULATION_ENV = {
-    "generic": {"ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
-    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "ATEN_CPU_CAPABILITY": "avx512",
-               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
-}
-
-
-def emulation_env(level: str) -> dict[str, str]:
-    return {**os.environ, "RADIXSERVE_CPU_ISA": level, **EMULATION_ENV.get(level, {})}
-
+from benchmark.cpu_emulation import LEVEL_ENV, emulation_env
 
 SHAPES = {  # [N, K] of the small demo model (hidden 768, intermediate 2048, vocab 16384)
     "qkv": (1280, 768),
@@ -98,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--emulate", choices=sorted(EMULATION_ENV), help="run as a CPU of this level would")
+    parser.add_argument("--emulate", choices=sorted(LEVEL_ENV), help="run as a CPU of this level would")
     args = parser.parse_args(argv)
     if args.emulate:
         child = [sys.executable, "-m", "benchmark.bench_cpu_linear", "--rounds", str(args.rounds), "--rows",

@@ -24,6 +24,21 @@ often is ("does not match the expected Content-only format"); apply
 (`git apply`): plain content then skips the parser. It touches no compute.
 
 and prints per-round figures and the median ratios (ours / llama.cpp).
+
+`--formats` pairs each engine's own format at the same bits, both made from
+the same weights by each engine's own tool (a CPU user of llama.cpp runs a
+quantized GGUF, not bf16):
+
+- `bf16`: our bf16 checkpoint against the converter's bf16 GGUF;
+- `q8_0`: ours with `--quantization int8` (per-channel int8 made at load)
+  against `llama-quantize ... Q8_0`;
+- `q4_0`, `q4_k_m`: a GPTQ int4 checkpoint (group 128, symmetric, written by
+  test/quant_checkpoints.py from the same weights) against `Q4_0` / `Q4_K_M`.
+
+`--emulate avx2` runs our side as an AVX2-only CPU would (benchmark/
+cpu_emulation.py) and wants `--llama-cpp-bin` pointing at a llama.cpp built
+for AVX2 only (GGML_NATIVE=OFF, GGML_AVX512=OFF, ...): both engines then stay
+within the class. The report names the CPU, its level and instruction sets.
 Known quirks handled here: a freshly trained BPE vocabulary has no
 pre-tokenizer hash the converter knows (mapped to `--force-pre`, qwen2 by
 default, whose regex our demo tokenizer uses); `llama-batched-bench` skips a
@@ -35,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -46,6 +62,8 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
+
+from benchmark.cpu_emulation import LEVEL_ENV, cpu_name, emulation_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -74,8 +92,9 @@ else:
 """
 
 
-def find_binary(llama_dir: pathlib.Path, name: str) -> pathlib.Path:
-    for candidate in (llama_dir / "build" / "bin" / name, llama_dir / "bin" / name, llama_dir / name):
+def find_binary(llama_dir: pathlib.Path, name: str, bin_dir: pathlib.Path | None = None) -> pathlib.Path:
+    places = [bin_dir / name] if bin_dir is not None else []
+    for candidate in (*places, llama_dir / "build" / "bin" / name, llama_dir / "bin" / name, llama_dir / name):
         if candidate.exists():
             return candidate
     raise SystemExit(f"{name} not found under {llama_dir} (build it: see this script's docstring)")
@@ -91,6 +110,59 @@ def convert_to_gguf(llama_dir: pathlib.Path, model_path: pathlib.Path, out_dir: 
     if done.returncode != 0:
         raise SystemExit(f"GGUF conversion failed:\n{done.stderr[-3000:]}")
     return out
+
+
+GGUF_TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M"}
+
+
+def quantize_gguf(llama_dir: pathlib.Path, bf16_gguf: pathlib.Path, fmt: str) -> pathlib.Path:
+    """llama.cpp's own tool, from the bf16 GGUF (as its users make them)."""
+    out = bf16_gguf.with_name(bf16_gguf.name.replace("-bf16.gguf", f"-{GGUF_TYPES[fmt]}.gguf"))
+    if out.exists() and out.stat().st_mtime >= bf16_gguf.stat().st_mtime:
+        return out
+    done = subprocess.run([str(find_binary(llama_dir, "llama-quantize")), str(bf16_gguf), str(out), GGUF_TYPES[fmt]],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"llama-quantize {GGUF_TYPES[fmt]} failed:\n{done.stderr[-3000:]}")
+    return out
+
+
+def gptq_int4_checkpoint(model_path: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
+    """A GPTQ int4 (group 128, symmetric) checkpoint of the same weights, in
+    the format GPTQ checkpoints ship in (the test suite's writer: round to
+    nearest, no calibration, the same as llama-quantize's Q4_0 / Q4_K_M)."""
+    sys.path.insert(0, str(REPO / "test"))  # the writer lives with the tests that check its format
+    from quant_checkpoints import QuantSpec, quantize_checkpoint
+
+    out = out_dir / f"{model_path.name}-gptq-int4-g128"
+    if not (out / "config.json").exists():
+        quantize_checkpoint(model_path, out, QuantSpec("gptq", bits=4, group_size=128))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One comparison: our set-up against a GGUF at the same bits."""
+
+    name: str
+    model_path: pathlib.Path
+    our_args: tuple[str, ...]
+    gguf: pathlib.Path
+
+
+def make_pairs(formats: list[str], llama_dir: pathlib.Path, model_path: pathlib.Path, bf16_gguf: pathlib.Path,
+               work: pathlib.Path) -> list[Pair]:
+    pairs = []
+    for fmt in formats:
+        if fmt == "bf16":
+            pairs.append(Pair(fmt, model_path, (), bf16_gguf))
+        elif fmt == "q8_0":
+            pairs.append(Pair(fmt, model_path, ("--quantization", "int8"), quantize_gguf(llama_dir, bf16_gguf, fmt)))
+        elif fmt in ("q4_0", "q4_k_m"):
+            pairs.append(Pair(fmt, gptq_int4_checkpoint(model_path, work), (), quantize_gguf(llama_dir, bf16_gguf, fmt)))
+        else:
+            raise SystemExit(f"unknown format {fmt!r}: choose from bf16, {', '.join(GGUF_TYPES)}")
+    return pairs
 
 
 # -- static decode -----------------------------------------------------------------
@@ -110,11 +182,12 @@ def llama_static(bench: pathlib.Path, gguf: pathlib.Path, batch: int, input_len:
     raise RuntimeError(f"llama-batched-bench printed no result (rc {done.returncode}):\n{done.stderr[-2000:]}")
 
 
-def ours_static(model_path: pathlib.Path, batch: int, input_len: int, output_len: int) -> dict:
+def ours_static(model_path: pathlib.Path, batch: int, input_len: int, output_len: int,
+                extra: Sequence[str] = (), env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "benchmark.bench_one_batch", "--model-path", str(model_path),
            "--batch-size", str(batch), "--input-len", str(input_len), "--output-len", str(output_len),
-           "--rounds", "1", "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+           "--rounds", "1", "--json", *extra]  # bench_one_batch takes --quantization as the server does
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"bench_one_batch failed:\n{done.stderr[-2000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])["results"][0]
@@ -146,9 +219,10 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], health_url: str, log: pathlib.Path, cwd: pathlib.Path = REPO) -> Iterator[None]:
+def running(cmd: list[str], health_url: str, log: pathlib.Path, cwd: pathlib.Path = REPO,
+            env: dict[str, str] | None = None) -> Iterator[None]:
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         try:
             _wait_ready(health_url, proc)
             yield
@@ -195,18 +269,19 @@ def drive(base_url: str, backend: str, model_path: pathlib.Path, args: argparse.
     return {key: report[key] for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms")}
 
 
-def serving_rounds(args: argparse.Namespace, llama_dir: pathlib.Path, gguf: pathlib.Path,
-                   model_path: pathlib.Path, work: pathlib.Path) -> dict[str, list[dict]]:
+def serving_rounds(args: argparse.Namespace, llama_dir: pathlib.Path, pair: Pair, work: pathlib.Path,
+                   env: dict[str, str] | None = None) -> dict[str, list[dict]]:
     llama_port, our_port = _free_port(), _free_port()
     context = args.concurrency * (args.serve_input_len + args.serve_output_len) * 2
-    llama_cmd = [str(find_binary(llama_dir, "llama-server")), "-m", str(gguf), "--port", str(llama_port),
-                 "--parallel", str(args.concurrency), "-c", str(context), "-t", str(args.threads),
-                 "--alias", "default"]
-    our_cmd = our_server_cmd(model_path, our_port, args.concurrency)
+    llama_cmd = [str(find_binary(llama_dir, "llama-server", args.llama_cpp_bin)), "-m", str(pair.gguf),
+                 "--port", str(llama_port), "--parallel", str(args.concurrency), "-c", str(context),
+                 "-t", str(args.threads), "--alias", "default"]
+    our_cmd = our_server_cmd(pair.model_path, our_port, args.concurrency, pair.our_args)
+    model_path = pair.model_path
     results: dict[str, list[dict]] = {"radixserve": [], "llama.cpp": []}
     # One server at a time: an idle peer still holds memory and threads.
     for _ in range(args.rounds):
-        with running(our_cmd, f"http://127.0.0.1:{our_port}/health", work / "radixserve.log"):
+        with running(our_cmd, f"http://127.0.0.1:{our_port}/health", work / "radixserve.log", env=env):
             drive(f"http://127.0.0.1:{our_port}", "openai", model_path, _warmup(args))
             results["radixserve"].append(drive(f"http://127.0.0.1:{our_port}", "openai", model_path, args))
         with running(llama_cmd, f"http://127.0.0.1:{llama_port}/health", work / "llama-server.log"):
@@ -223,6 +298,15 @@ def _warmup(args: argparse.Namespace) -> argparse.Namespace:
 # -- report ------------------------------------------------------------------------
 
 
+def our_cpu(env: dict[str, str]) -> dict:
+    """The CPU as our side sees it (its level under --emulate), asked in a child."""
+    code = "import json; from layers.cpu_features import cpu_report; print(json.dumps(cpu_report()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"probing the CPU failed:\n{done.stderr[-2000:]}")
+    return {"name": cpu_name(), **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
 def median_of(rows: list[dict], key: str) -> float:
     return statistics.median(row[key] for row in rows)
 
@@ -231,6 +315,11 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-cpp-dir", required=True, type=pathlib.Path)
+    p.add_argument("--llama-cpp-bin", type=pathlib.Path, default=None,
+                   help="folder of the llama.cpp binaries to time (default: <dir>/build/bin); e.g. an AVX2-only build")
+    p.add_argument("--formats", default="bf16", help="comma-separated: bf16, q8_0, q4_0, q4_k_m")
+    p.add_argument("--emulate", choices=sorted(LEVEL_ENV), default=None,
+                   help="run our side as a CPU of this level would (pair it with --llama-cpp-bin)")
     p.add_argument("--model-path", type=pathlib.Path, default=None, help="default: the small demo model")
     p.add_argument("--work-dir", type=pathlib.Path, default=None, help="GGUF and logs (default: a temp dir)")
     p.add_argument("--force-pre", default="qwen2", help="pre-tokenizer for a vocabulary the converter does not know")
@@ -253,32 +342,41 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     llama_dir = args.llama_cpp_dir.expanduser().resolve()
     gguf = convert_to_gguf(llama_dir, pathlib.Path(args.model_path), work, args.force_pre)
-    report: dict = {"model_path": str(args.model_path), "gguf": str(gguf), "threads": args.threads,
+    env = emulation_env(args.emulate)
+    pairs = make_pairs([f.strip() for f in args.formats.split(",") if f.strip()], llama_dir,
+                       pathlib.Path(args.model_path), gguf, work)
+    report: dict = {"model_path": str(args.model_path), "threads": args.threads, "cpu": our_cpu(env),
+                    "llama_cpp_bin": str(args.llama_cpp_bin or llama_dir / "build" / "bin"),
                     "static": {}, "serving": {}}
+    print(f"CPU: {report['cpu']['name']}, our level {report['cpu']['level']} "
+          f"({' '.join(report['cpu']['features'])})", flush=True)
 
-    if not args.skip_static:
-        bench = find_binary(llama_dir, "llama-batched-bench")
-        for batch in (int(b) for b in args.batch_sizes.split(",")):
-            rows: dict[str, list[dict]] = {"radixserve": [], "llama.cpp": []}
-            for _ in range(args.rounds):
-                rows["radixserve"].append(ours_static(args.model_path, batch, args.input_len, args.output_len))
-                rows["llama.cpp"].append(llama_static(bench, gguf, batch, args.input_len, args.output_len,
-                                                      args.threads))
-            report["static"][batch] = rows
-            for key in ("decode_tok_per_s", "prefill_tok_per_s"):
-                ours = [round(r[key], 1) for r in rows["radixserve"]]
-                theirs = [round(r[key], 1) for r in rows["llama.cpp"]]
+    for pair in pairs:
+        tag = f"{pair.name} ({' '.join(pair.our_args) or pair.model_path.name} vs {pair.gguf.name})"
+        if not args.skip_static:
+            bench = find_binary(llama_dir, "llama-batched-bench", args.llama_cpp_bin)
+            for batch in (int(b) for b in args.batch_sizes.split(",")):
+                rows: dict[str, list[dict]] = {"radixserve": [], "llama.cpp": []}
+                for _ in range(args.rounds):
+                    rows["radixserve"].append(ours_static(pair.model_path, batch, args.input_len, args.output_len,
+                                                          pair.our_args, env))
+                    rows["llama.cpp"].append(llama_static(bench, pair.gguf, batch, args.input_len, args.output_len,
+                                                          args.threads))
+                report["static"][f"{pair.name}/{batch}"] = rows
+                for key in ("decode_tok_per_s", "prefill_tok_per_s"):
+                    ours = [round(r[key], 1) for r in rows["radixserve"]]
+                    theirs = [round(r[key], 1) for r in rows["llama.cpp"]]
+                    ratio = median_of(rows["radixserve"], key) / median_of(rows["llama.cpp"], key)
+                    print(f"{tag} static batch {batch:>3} {key:<18} ours {ours} llama.cpp {theirs} "
+                          f"ratio {ratio:.2f}x", flush=True)
+
+        if not args.skip_serving:
+            rows = serving_rounds(args, llama_dir, pair, work, env)
+            report["serving"][pair.name] = rows
+            for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms"):
                 ratio = median_of(rows["radixserve"], key) / median_of(rows["llama.cpp"], key)
-                print(f"static batch {batch:>3} {key:<18} ours {ours} llama.cpp {theirs} ratio {ratio:.2f}x",
-                      flush=True)
-
-    if not args.skip_serving:
-        rows = serving_rounds(args, llama_dir, gguf, pathlib.Path(args.model_path), work)
-        report["serving"] = rows
-        for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms"):
-            ratio = median_of(rows["radixserve"], key) / median_of(rows["llama.cpp"], key)
-            print(f"serving {key:<18} ours {[round(r[key], 1) for r in rows['radixserve']]} "
-                  f"llama.cpp {[round(r[key], 1) for r in rows['llama.cpp']]} ratio {ratio:.2f}x", flush=True)
+                print(f"{tag} serving {key:<18} ours {[round(r[key], 1) for r in rows['radixserve']]} "
+                      f"llama.cpp {[round(r[key], 1) for r in rows['llama.cpp']]} ratio {ratio:.2f}x", flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
     return report

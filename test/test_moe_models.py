@@ -13,10 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from layers.cpu_features import IsaLevel
 from layers.moe.layer import FusedMoE
 from model_executor.batch_runner import BatchRunner
 from model_executor.tp_layout import tp_layout_errors
 from model_helpers import hf_greedy, hf_logits, hf_model, make_prompts, make_runner, our_greedy
+from native_helpers import level_params
 from runtime.demo_model import demo_model_path
 from scheduler_helpers import assert_no_leak, greedy, make_scheduler, run
 
@@ -256,10 +258,13 @@ def test_layouts_that_fit_pass():
     assert tp_layout_errors(_moe_config(intermediate_size=9, mlp_only_layers=[1]), 2, 1) != []
 
 
-def test_native_decode_path_matches_the_grouped_path():
+@pytest.mark.parametrize("cpu_level", [p for p in level_params() if p.values[0] >= IsaLevel.AVX2], indirect=True)
+def test_native_decode_path_matches_the_grouped_path(cpu_level):
     """CPU bf16 at one or two tokens runs the experts in one native call
-    (cpu_kernels/moe.cpp); it must agree with the grouped torch path on the
-    same packed weights, also with slots routed to another rank (-1)."""
+    (cpu_kernels/dispatch.cpp); it must agree with the grouped torch path on
+    the same packed weights, also with slots routed to another rank (-1), at
+    every CPU level with the streaming kernel (below AVX-512 the grouped path
+    runs it too, without oneDNN)."""
     from layers.cpu_kernels import native_ops
     from layers.linear import TPContext
     from layers.moe.method import CpuPackedGroupedExperts, GroupedExperts

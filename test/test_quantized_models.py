@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from model_executor.batch_runner import BatchRunner
 from model_helpers import hf_greedy, hf_model, make_prompts, make_runner, our_greedy
+from native_helpers import level_params
 from quant_checkpoints import QuantSpec, quantize_checkpoint, quantized_demo_model
 from runtime.demo_model import demo_model_path
 
@@ -62,6 +63,23 @@ def test_weight_only_formats_match_their_dequantized_weights(tmp_path_factory, n
     reference = hf_model(ref, torch.float32)
     assert ours == [hf_greedy(reference, p, NEW_TOKENS) for p in prompts]
     assert runner.token_to_kv_pool_allocator.available_size() == runner.max_total_num_tokens
+
+
+# The int kernels at every lower CPU level (AVX2's own variant; dequantized
+# dense at the portable level), on formats that cover int4 / int8, offsets
+# and act-order.
+LOWER_LEVELS = [param for param in level_params() if param.values[0] < max(p.values[0] for p in level_params())]
+
+
+@pytest.mark.parametrize("cpu_level", LOWER_LEVELS, indirect=True)
+@pytest.mark.parametrize("name", ["gptq-int4-g32-asym-act-order", "gptq-int8-g128-asym", "awq-g64"])
+def test_weight_only_formats_match_at_lower_cpu_levels(tmp_path_factory, name, cpu_level):
+    test_weight_only_formats_match_their_dequantized_weights(tmp_path_factory, name)
+
+
+@pytest.mark.parametrize("cpu_level", LOWER_LEVELS, indirect=True)
+def test_bf16_quantized_model_tracks_the_dense_model_at_lower_cpu_levels(tmp_path_factory, cpu_level):
+    test_bf16_quantized_model_tracks_the_dense_bf16_model(tmp_path_factory)
 
 
 def test_qwen2_biases_load_next_to_quantized_weights(tmp_path_factory):

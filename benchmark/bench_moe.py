@@ -13,7 +13,7 @@ and where the MoE layers' time goes.
    - dispatch: sorting the slots by expert, gathering the rows, writing the
      outputs back and the weighted sum (the layer minus the expert MLPs);
    - experts: the expert MLPs themselves (at one or two tokens on CPU bf16
-     the layer is one native call, cpu_kernels/moe.cpp, counted here whole).
+     the layer is one native call, cpu_kernels/dispatch.cpp, counted here whole).
    Summed over the layers and divided by the measured step time. Timed in a
    loop, the weights are warmer in cache than in a real step, so "experts"
    is a lower bound; routing and dispatch are small-op overheads that a warm

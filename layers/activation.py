@@ -13,7 +13,7 @@ class SiluAndMul(nn.Module):
     """Input [..., 2 * d] = [gate | up]; output silu(gate) * up, [..., d].
 
     CPU bf16 rows go through the native kernel (one pass instead of a silu
-    and a product, same roundings; layers/cpu_kernels/activation.cpp).
+    and a product, same roundings; layers/cpu_kernels/activation.inc).
     """
 
     use_native = True  # ModelRunnerConfig.cpu_fused_ops=False clears it (A/B runs)

@@ -15,7 +15,7 @@ plain `F.linear`; GPUs never take this path.
 
 At a few rows (small-batch decode, a verify step's guesses) a linear layer
 only streams its weight, and the native streaming kernel
-(layers/cpu_kernels/gemm.cpp) does that faster than oneDNN up to a row count
+(layers/cpu_kernels/gemm.inc) does that faster than oneDNN up to a row count
 that depends on the CPU (`default_streaming_rows`). Where the native kernels
 are built, a layer keeps a second copy of its weight in the streaming
 kernel's layout and picks by row count: twice the weight memory for the

@@ -3,7 +3,7 @@
 From the fused qkv projection's output, `qk_norm_rope_store` applies Qwen3's
 per-head q/k RMSNorm (when the model has it) and the rotary embedding, writes
 k and v into the paged KV cache at this step's slots, and returns the
-queries (layers/cpu_kernels/rope.cpp). Unfused that is ~11 torch ops per
+queries (layers/cpu_kernels/rope.inc). Unfused that is ~11 torch ops per
 layer, which at batch 1 cost more in dispatch than in arithmetic. Rounding
 matches the unfused bf16 path, so greedy tokens do not move.
 

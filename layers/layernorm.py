@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
         slightly closer to the fp32 result) and is one op instead of seven,
         which counts on the decode path. On CPU bf16 rows the native kernel
         does the add and the norm in one pass, updating `residual` in place
-        (layers/cpu_kernels/norm.cpp; same roundings).
+        (layers/cpu_kernels/norm.inc; same roundings).
         """
         if _native_bf16_rows(x) and (residual is None or residual.is_contiguous()):
             ops = native_ops()

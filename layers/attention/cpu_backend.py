@@ -1,7 +1,7 @@
 """CPU attention on the paged KV cache through the native kernel.
 
 One call per layer covers any batch: prefill chunks, decodes and mixed
-batches alike (layers/cpu_kernels/attention.cpp). Its cost follows the real
+batches alike (layers/cpu_kernels/attention.inc). Its cost follows the real
 tokens: no query padding, no per-layer gather of every sequence's KV, no
 staging to rebuild when the batch changes.
 

@@ -30,7 +30,7 @@ from layers.quantization.base import set_weight_attrs
 from layers.quantization.dense import CpuPackOptions
 
 # Tokens up to which one native call runs the whole layer's experts
-# (cpu_kernels/moe.cpp; measured for decode of one or two sequences).
+# (cpu_kernels/dispatch.cpp; measured for decode of one or two sequences).
 NATIVE_MOE_TOKENS = 2
 
 
@@ -98,7 +98,7 @@ class CpuPackedGroupedExperts(GroupedExperts):
     (layers/cpu_gemm.py, as dense linears are), the plain copies dropped.
     Where the native kernels are built, the streaming-GEMV copies of all
     experts sit in one stacked tensor per projection, and one or two tokens
-    (decode) run in one native call (cpu_kernels/moe.cpp) instead of the
+    (decode) run in one native call (cpu_kernels/dispatch.cpp) instead of the
     grouped torch path."""
 
     def __init__(self, options: CpuPackOptions) -> None:

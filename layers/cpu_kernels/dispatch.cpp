@@ -32,20 +32,24 @@ std::array<const KernelTable*, 5> tables() {
   return {amx_kernels(), avx512bf16_kernels(), avx512_kernels(), avx2_kernels(), generic_kernels()};
 }
 
+// The best table the mask allows that has this kernel, or nullptr.
 template <typename Fn>
-Fn pick(int64_t isa, Fn KernelTable::*entry) {
+const KernelTable* best_table(int64_t isa, Fn KernelTable::*entry) {
   for (const KernelTable* table : tables())
-    if (table != nullptr && (isa & table->required) == table->required && table->*entry != nullptr)
-      return table->*entry;
+    if (table != nullptr && (isa & table->required) == table->required && table->*entry != nullptr) return table;
   return nullptr;
 }
 
 template <typename Fn>
+Fn pick(int64_t isa, Fn KernelTable::*entry) {
+  const KernelTable* table = best_table(isa, entry);
+  return table != nullptr ? table->*entry : nullptr;
+}
+
+template <typename Fn>
 const char* picked_unit(int64_t isa, Fn KernelTable::*entry) {
-  for (const KernelTable* table : tables())
-    if (table != nullptr && (isa & table->required) == table->required && table->*entry != nullptr)
-      return table->name;
-  return "none";
+  const KernelTable* table = best_table(isa, entry);
+  return table != nullptr ? table->name : "none";
 }
 
 #if defined(__x86_64__) || defined(_M_X64)

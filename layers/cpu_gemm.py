@@ -26,6 +26,7 @@ by default.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,22 @@ def cpu_pack_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and (prepack_supported(device, dtype) or streaming_supported())
 
 
+@dataclass(frozen=True)
+class NativeLinearForm:
+    """One projection as a native kernel runs it, for callers that chain the
+    kernels from C++ (layers/cpu_kernels/decoder_stack.cpp): the streaming
+    bf16 kernel (`bits` 16) or the weight-only int kernel (8 / 4), up to
+    `max_rows` rows (beyond them the layer runs oneDNN instead)."""
+
+    packed: torch.Tensor
+    out_features: int
+    bits: int
+    max_rows: int
+    group_size: int = 0
+    has_offset: bool = False
+    amx_min_rows: int = 0
+
+
 def prepack_weight(weight: torch.Tensor, batch_size_hint: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size_hint)
 
@@ -112,6 +129,12 @@ class CpuLinearWeight:
             return ops.bf16_linear(x, self.streaming, bias, self.out_features)
         assert self.onednn is not None
         return packed_linear(x, self.onednn, bias)
+
+    def native_form(self) -> NativeLinearForm | None:
+        if self.streaming is None:
+            return None
+        max_rows = sys.maxsize if self.onednn is None else self.streaming_rows
+        return NativeLinearForm(self.streaming, self.out_features, bits=16, max_rows=max_rows)
 
 
 def pack_cpu_linear(weight: torch.Tensor, batch_size_hint: int, small_batch_gemv: bool,

@@ -58,6 +58,9 @@ class ModelRunnerConfig:
     # CPU bf16 with the native kernels: fused q/k norm + rotary + KV store and
     # fused SiLU-and-mul (layers/fused_attention_input.py, layers/activation.py).
     cpu_fused_ops: bool = True
+    # CPU, with the fused ops: a dense decoder's layers run as one native call
+    # where the kernels cover them (model_executor/cpu_decoder_stack.py).
+    cpu_native_stack: bool = True
 
 
 @dataclass

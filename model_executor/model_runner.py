@@ -23,6 +23,7 @@ from layers.quantization.registry import resolve_quantization
 from layers.sampler import Sampler
 from mem_cache.allocator import TokenToKVPoolAllocator
 from mem_cache.memory_pool import KVPool, ReqToTokenPool
+from model_executor.cpu_decoder_stack import build_cpu_decoder_stack
 from model_executor.distributed import TPGroup
 from model_executor.forward_batch import ForwardBatch
 from model_executor.model_config import ModelConfig, ModelRunnerConfig
@@ -101,6 +102,8 @@ class ModelRunner:
         )
         if not config.cpu_fused_ops:
             self._use_unfused_ops()
+        elif config.cpu_native_stack and self.device.type == "cpu" and hasattr(self.model, "model"):
+            self.model.model.native_stack = build_cpu_decoder_stack(self.model, self.kv_pool, self.attn_backend)
         self.cuda_graph_runner = None
         if self.device.type == "cuda" and not config.disable_cuda_graph:
             if config.tp_size > 1:

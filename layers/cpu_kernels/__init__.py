@@ -38,10 +38,10 @@ from layers.cpu_features import CpuIsa, IsaLevel, cpu_isa
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("bindings.cpp", "dispatch.cpp", "packing.cpp", "isa_generic.cpp", "isa_avx2.cpp", "isa_avx512.cpp",
+_SOURCES = ("bindings.cpp", "dispatch.cpp", "decoder_stack.cpp", "packing.cpp", "isa_generic.cpp", "isa_avx2.cpp", "isa_avx512.cpp",
             "isa_avx512bf16.cpp", "isa_amx.cpp")
 # Included, not compiled on their own, but part of the build's identity.
-_HEADERS = ("isa_unit.inc", "prelude.h", "isa.h", "kernel_table.h", "numerics.h", "int_gemm_layout.h", "simd.inc", "attention.inc",
+_HEADERS = ("isa_unit.inc", "prelude.h", "dispatch.h", "isa.h", "kernel_table.h", "numerics.h", "int_gemm_layout.h", "simd.inc", "attention.inc",
             "gemm.inc", "int_gemm.inc", "int_gemm_store.inc", "int_gemm_amx.inc", "norm.inc", "rope.inc",
             "activation.inc")
 # The kernels that take the ISA mask as their last argument (bindings.cpp).

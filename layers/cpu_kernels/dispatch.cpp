@@ -13,6 +13,7 @@
 #include <map>
 #include <string>
 
+#include "dispatch.h"
 #include "isa.h"
 #include "kernel_table.h"
 

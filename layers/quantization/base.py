@@ -11,7 +11,9 @@ layers dense (`modules_to_not_convert`, `ignore`). The method:
   format's packed tensors shard through the same loaders;
 - `process_weights_after_loading` turns the loaded tensors into what `apply`
   wants (packing for a CPU kernel, unpacking, requantizing);
-- `apply` computes x W^T + bias.
+- `apply` computes x W^T + bias;
+- `native_form` says how a native CPU kernel runs the layer, where one does
+  (the C++ decoder stack chains those without Python in between).
 
 The bias stays a plain tensor owned by the layer: no format quantizes it.
 """
@@ -19,10 +21,13 @@ The bias stays a plain tensor owned by the layer: no format quantizes it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from layers.cpu_gemm import NativeLinearForm
 
 
 def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
@@ -44,6 +49,11 @@ class LinearMethod(ABC):
 
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def native_form(self, layer: nn.Module) -> NativeLinearForm | None:
+        """How a native CPU kernel runs this layer, for the C++ decoder stack
+        (model_executor/cpu_decoder_stack.py); None: only `apply` runs it."""
+        return None
 
 
 class QuantizationConfig(ABC):

@@ -53,10 +53,12 @@ count there.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
+from layers.cpu_gemm import NativeLinearForm
 from layers.cpu_kernels import native_ops
 
 # Rows of bf16 x from which the AMX tile kernel takes over (where the CPU has
@@ -89,6 +91,10 @@ class CpuIntLinearWeight:
         return ops.int_linear(
             x, self.packed, bias, self.out_features, self.group_size, self.bits, self.has_offset, AMX_MIN_ROWS
         )
+
+    def native_form(self) -> NativeLinearForm:
+        return NativeLinearForm(self.packed, self.out_features, self.bits, sys.maxsize, self.group_size,
+                                self.has_offset, AMX_MIN_ROWS)
 
     @property
     def nbytes(self) -> int:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.cpu_gemm import pack_cpu_linear
+from layers.cpu_gemm import NativeLinearForm, pack_cpu_linear
 from layers.quantization.base import LinearMethod, QuantizationConfig, set_weight_attrs
 
 
@@ -47,6 +47,9 @@ class CpuPackedLinearMethod(DenseLinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return layer.packed_weight(x, bias)
+
+    def native_form(self, layer: nn.Module) -> NativeLinearForm | None:
+        return layer.packed_weight.native_form()
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from layers.cpu_gemm import pack_cpu_linear, prepack_supported
+from layers.cpu_gemm import NativeLinearForm, pack_cpu_linear, prepack_supported
 from layers.quantization.canonical import Canonical, Fp8Weight, IntWeight
 from layers.quantization.dense import CpuPackOptions
 
@@ -34,6 +34,10 @@ CUDA_INT_MM_MIN_ROWS = 16
 
 class QuantKernel(Protocol):
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def native_form(self) -> NativeLinearForm | None:
+        """The layer as a native CPU kernel runs it (for the C++ decoder
+        stack), or None where another kernel runs it."""
 
     @property
     def nbytes(self) -> int: ...
@@ -50,6 +54,9 @@ class DenseKernel:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.packed(x, bias) if self.packed is not None else F.linear(x, self.weight, bias)
+
+    def native_form(self) -> NativeLinearForm | None:
+        return None if self.packed is None else self.packed.native_form()
 
     @property
     def nbytes(self) -> int:
@@ -81,6 +88,9 @@ class CpuIntKernel:
             rows = rows.index_select(1, self.perm)
         return self.packed(rows.contiguous(), bias).reshape(*lead, -1)
 
+    def native_form(self) -> NativeLinearForm | None:
+        return None if self.perm is not None else self.packed.native_form()
+
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes
@@ -105,6 +115,9 @@ class TritonQuantKernel:
             rows = rows.index_select(1, self.perm)
         out = quant_gemm(rows.contiguous(), self.weight, self.scale, self.offset, self.group_size, self.kind, bias)
         return out.reshape(*lead, -1)
+
+    def native_form(self) -> NativeLinearForm | None:
+        return None
 
     @property
     def nbytes(self) -> int:
@@ -138,6 +151,9 @@ class Int8ActivationKernel:
             out += bias.float()
         return out.to(x.dtype).reshape(*lead, -1)
 
+    def native_form(self) -> NativeLinearForm | None:
+        return None
+
     @property
     def nbytes(self) -> int:
         return _tensor_bytes(self.q_t, self.scale)
@@ -164,6 +180,9 @@ class Fp8ScaledMMKernel:
         if bias is not None:  # added here: row-wise scaled_mm takes no bias on every build
             out = out + bias
         return out.reshape(*lead, -1)
+
+    def native_form(self) -> NativeLinearForm | None:
+        return None
 
     @property
     def nbytes(self) -> int:

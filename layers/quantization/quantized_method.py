@@ -19,6 +19,7 @@ from torch import nn
 
 from layers.quantization.base import LinearMethod, set_weight_attrs
 from layers.quantization.canonical import Canonical, Fp8Weight, IntWeight
+from layers.cpu_gemm import NativeLinearForm
 from layers.quantization.kernels import build_kernel
 
 # Our fused layers and the checkpoint projections they hold, for configs that
@@ -164,3 +165,6 @@ class QuantizedLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return layer.quant_kernel(x, bias)
+
+    def native_form(self, layer: nn.Module) -> NativeLinearForm | None:
+        return layer.quant_kernel.native_form()

@@ -164,13 +164,20 @@ class DecoderModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             head_dim_of(config), config.max_position_embeddings, rope.theta, rope.rope_type, rope.params
         )
+        # The layers as one native call where the CPU kernels cover them
+        # (model_executor/cpu_decoder_stack.py; the model runner sets it).
+        self.native_stack = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary_emb.lookup(positions, hidden.dtype)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(rope, hidden, residual, batch)
+        stack = self.native_stack
+        if stack is not None and stack.applies(batch):
+            hidden, residual = stack(hidden, rope, batch)
+        else:
+            residual = None
+            for layer in self.layers:
+                hidden, residual = layer(rope, hidden, residual, batch)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -150,8 +150,11 @@ def test_alloc_extend_rejects_bad_last_loc() -> None:
     assert snapshot(a) == before
 
 
+@pytest.mark.parametrize("entry", ["alloc_decode", "alloc_extend"])
 @pytest.mark.parametrize("ps", PAGE_SIZES)
-def test_alloc_decode_crosses_pages(ps: int) -> None:
+def test_alloc_decode_crosses_pages(ps: int, entry: str) -> None:
+    """One token per request per step, by alloc_decode or by alloc_extend
+    (which hands such a step to alloc_decode): pages continue, then turn."""
     a = TokenToKVPoolAllocator(32 * ps, page_size=ps)
     lens = [1, ps - 1 if ps > 1 else 1, ps + 1]
     pre = a.alloc_extend([0] * 3, lens, [-1] * 3)
@@ -161,7 +164,11 @@ def test_alloc_decode_crosses_pages(ps: int) -> None:
         seqs.append(pre[off : off + n].tolist())
         off += n
     for _ in range(2 * ps + 1):
-        out = a.alloc_decode([len(s) + 1 for s in seqs], [s[-1] for s in seqs])
+        lens_now, last = [len(s) for s in seqs], [s[-1] for s in seqs]
+        if entry == "alloc_decode":
+            out = a.alloc_decode([n + 1 for n in lens_now], last)
+        else:
+            out = a.alloc_extend(lens_now, [n + 1 for n in lens_now], last)
         assert out is not None and out.numel() == 3
         for s, new in zip(seqs, out.tolist()):
             s.append(new)

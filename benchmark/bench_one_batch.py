@@ -210,6 +210,7 @@ ABLATIONS = {
     # The streaming kernel for 1-2 rows only (the default before AMX Xeons took it up to 6).
     "streaming-rows": ({"cpu_streaming_rows": 2}, None),
     "fused-ops": ({"cpu_fused_ops": False}, None),
+    "native-stack": ({"cpu_native_stack": False}, None),
     "staging": ({}, 0),
     "cuda-graph": ({"disable_cuda_graph": True}, None),
 }

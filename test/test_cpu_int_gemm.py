@@ -8,7 +8,11 @@ and scales per group, so it agrees with the dequantized fp32 reference to
 kernel: the same sums, rounded to bf16 once, so within one bf16 rounding
 (2^-8 relative) of the reference. bf16 x, AMX kernel: the weight is rounded
 to bf16 once (as a dequantized checkpoint would be), so on top of that each
-product may be off by 2^-8 of itself: within 2^-8 * (|x| @ |w|.T).
+product may be off by 2^-8 of itself: within 2^-8 * (|x| @ |w|.T). bf16 x
+times int4 at one or two rows: integer dot products on x rounded to int8 in
+blocks of 32 (`int8_blocks` does the same rounding here), so against the
+reference on those rounded x, the bf16 bound again; and against x itself
+within the rounding's worst case, half a step per input.
 """
 
 from __future__ import annotations
@@ -51,20 +55,58 @@ def canonical(gen, n, k, group, bits, with_offset):
     return q, scale, offset
 
 
+def offset_share(q, offset, group):
+    return None if offset is None else offset.repeat_interleave(group, dim=1)
+
+
 def dequantize(q, scale, offset, group):
     w = q.float() * scale.repeat_interleave(group, dim=1)
     return w if offset is None else w + offset.repeat_interleave(group, dim=1)
 
 
-def check(out, x, w, bias, amx):
+def int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as the integer kernel sees it (int8 per block of 32 inputs, scale
+    max |x| / 127, round half to even), and half a step per input."""
+    blocks = x.float().view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # Tensor by tensor: true divisions, as the kernel's (`127.0 / t` would
+    # multiply by a reciprocal, and move a tie by an ulp).
+    full_scale = torch.full_like(amax, 127.0)
+    inv = torch.where(amax > 0, full_scale / amax, torch.zeros_like(amax))
+    rounded = torch.round(blocks * inv) * (amax / full_scale)
+    return rounded.view(x.shape), (amax / full_scale / 2).expand_as(blocks).reshape(x.shape)
+
+
+def int_dot_runs(ops, bits, group, rows, x) -> bool:
+    """Whether int_linear takes the integer kernel (int4 x bf16, 1-2 rows)."""
+    return bits == 4 and x.dtype == torch.bfloat16 and rows <= 2 and group % 32 == 0
+
+
+def check(out, x, w, bias, amx, int_dot=False, w_offset=None):
     """`out` against x.float() @ w.T + bias, within the tolerance above for its
-    dtype and kernel."""
-    expected = x.float() @ w.T
+    dtype and kernel. `w_offset`: the offsets' share of w (the integer kernel
+    multiplies them with the sums of x itself, not of its rounding)."""
+    assert out.dtype == x.dtype
+    if not int_dot:
+        within(out, x.float(), w, bias, amx)
+        return
+    rounded, half_step = int8_blocks(x)
+    w_offset = torch.zeros_like(w) if w_offset is None else w_offset
+    offsets_exact = x.float() @ w_offset.T + (0 if bias is None else bias.float())
+    within(out, rounded, w - w_offset, offsets_exact, amx=False)
+    expected = x.float() @ w.T + (0 if bias is None else bias.float())
+    bound = 2**-8 * expected.abs() + 1e-4 * (x.float().abs() @ w.abs().T) + half_step @ w.abs().T
+    assert (out.float() - expected).abs().le(bound).all()
+
+
+def within(out, x, w, bias, amx):
+    """out against fp32 x @ w.T + bias."""
+    expected = x @ w.T
     if bias is not None:
         expected = expected + bias.float()
-    assert out.dtype == x.dtype and out.shape == expected.shape
-    magnitude = x.float().abs() @ w.abs().T  # sum of |products| per output
-    if x.dtype == torch.float32:
+    assert out.shape == expected.shape
+    magnitude = x.abs() @ w.abs().T  # sum of |products| per output
+    if out.dtype == torch.float32:
         bound = 1e-4 * (expected.abs().max() + magnitude.max())
     else:
         bound = 2**-8 * expected.abs() + 1e-4 * magnitude
@@ -96,10 +138,12 @@ def test_int_linear_matches_fp32_reference(ops, bits, group, with_offset, out_fe
             # The layer: fp32 x always on the FMA kernel, bf16 x on AMX from AMX_MIN_ROWS.
             check(weight(x, bias), x, w, bias, amx=False)
             xb, bb = x.bfloat16(), None if bias is None else bias.bfloat16()
-            check(weight(xb, bb), xb, w, bb, amx=amx and rows >= AMX_MIN_ROWS)
+            int_dot = int_dot_runs(ops, weight.bits, group, rows, xb)
+            w_off = offset_share(q, offset, group)
+            check(weight(xb, bb), xb, w, bb, amx=amx and rows >= AMX_MIN_ROWS, int_dot=int_dot, w_offset=w_off)
             # Each kernel at every row count.
             args = (weight.packed, bb, out_features, group, weight.bits, weight.has_offset)
-            check(ops.int_linear(xb, *args, 0), xb, w, bb, amx=False)
+            check(ops.int_linear(xb, *args, 0), xb, w, bb, amx=False, int_dot=int_dot, w_offset=w_off)
             if amx:
                 check(ops.int_linear(xb, *args, 1), xb, w, bb, amx=True)
 

@@ -116,8 +116,9 @@ def test_int8_activation_format_agrees_on_the_top_token(tmp_path_factory):
 
 
 def test_bf16_quantized_model_tracks_the_dense_bf16_model(tmp_path_factory):
-    """bf16 runs the native int4 kernel (or its fallback); it must track the
-    same dequantized weights run dense in bf16."""
+    """bf16 runs the native int4 kernel (integer dot products on x rounded to
+    int8 at one or two rows, FMAs above; dequantized dense at the portable
+    level); it must track the same dequantized weights run dense in bf16."""
     qdir, ref = quantized(tmp_path_factory, QuantSpec("gptq", bits=4, group_size=64))
     prompts = make_prompts([12, 25], vocab_size=4096, seed=8)
     share = _teacher_forced_top1(make_runner(qdir, dtype="bfloat16"), hf_model(ref, torch.float32), prompts, 32)

@@ -31,6 +31,14 @@ int8 per channel without offsets, int4 in groups of 128 with offsets:
                     4      1778           1879       1158  1093
                    32      7037           2300       2920  2613
 
+- int4 with bf16 x at one or two rows (decode), group sizes a multiple of
+  32: integer dot products, x rounded to int8 per 32 inputs (vpmaddubsw, as
+  llama.cpp's Q4_0 kernels do). The FMA kernel is bound by its instructions
+  there; this one streams at memory speed: on a [4096, 768] g128 layer (AMD
+  Zen 4, 2 cores) 49-57 against 99-109 us at the AVX2 level, 54-61 against
+  77-89 us at AVX-512. The rounding of x is the only difference from the FMA
+  kernel (at most half a step of max |x| / 127 per block of 32, of the order
+  of bf16's own rounding; test_cpu_int_gemm.py bounds it).
 - up to 6 rows, and any fp32 x: the FMA kernel, which streams the packed
   weight once (int4 is bound by its instructions, not by memory).
 - from AMX_MIN_ROWS of bf16 x, where the CPU has AMX: the tile kernel, which

@@ -178,20 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode from captured CUDA graphs (CUDA only); `--ablate cuda-graph` times both in lock step",
     )
     parser.add_argument("--quantization", default=None, help="as the server's --quantization")
+    parser.add_argument("--quantize-lm-head", default=None, choices=["int8"], help="as the server's flag")
     parser.add_argument(
         "--variant",
         action="append",
         default=[],
         metavar="NAME:KEY=VALUE[,KEY=VALUE]",
         help="also time another model set-up in lock step, e.g. int8:quantization=int8 or "
-        "int4:model_path=/ckpt/gptq (keys: quantization, model_path); repeatable",
+        "int4:model_path=/ckpt/gptq (keys: quantization, quantize_lm_head, model_path); repeatable",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
-VARIANT_KEYS = ("quantization", "model_path")
+VARIANT_KEYS = ("quantization", "quantize_lm_head", "model_path")
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -232,6 +233,7 @@ def make_runner(
         disable_cuda_graph=args.cuda_graph == "off",
         load_format=args.load_format,
         quantization=args.quantization,
+        quantize_lm_head=args.quantize_lm_head,
     )
     for key, value in overrides.items():
         setattr(config, key, value)

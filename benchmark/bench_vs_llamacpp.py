@@ -35,6 +35,10 @@ quantized GGUF, not bf16):
 - `q4_0`, `q4_k_m`: a GPTQ int4 checkpoint (group 128, symmetric, written by
   test/quant_checkpoints.py from the same weights) against `Q4_0` / `Q4_K_M`.
 
+Our quantized set-ups keep the LM head in bf16, as checkpoints ship it, while
+llama-quantize rounds the GGUF's output tensor (Q6_K for Q4_0 / Q4_K_M, Q8_0
+for Q8_0); `--quantize-lm-head int8` rounds ours too (the server's flag).
+
 `--emulate avx2` runs our side as an AVX2-only CPU would (benchmark/
 cpu_emulation.py) and wants `--llama-cpp-bin` pointing at a llama.cpp built
 for AVX2 only (GGML_NATIVE=OFF, GGML_AVX512=OFF, ...): both engines then stay
@@ -151,15 +155,20 @@ class Pair:
 
 
 def make_pairs(formats: list[str], llama_dir: pathlib.Path, model_path: pathlib.Path, bf16_gguf: pathlib.Path,
-               work: pathlib.Path) -> list[Pair]:
+               work: pathlib.Path, quantize_lm_head: str | None = None) -> list[Pair]:
+    """`quantize_lm_head`: also round our LM head (quantized pairs only), as
+    llama-quantize does with the GGUF's output tensor."""
+    head = ("--quantize-lm-head", quantize_lm_head) if quantize_lm_head else ()
     pairs = []
     for fmt in formats:
         if fmt == "bf16":
             pairs.append(Pair(fmt, model_path, (), bf16_gguf))
         elif fmt == "q8_0":
-            pairs.append(Pair(fmt, model_path, ("--quantization", "int8"), quantize_gguf(llama_dir, bf16_gguf, fmt)))
+            pairs.append(Pair(fmt, model_path, ("--quantization", "int8", *head),
+                              quantize_gguf(llama_dir, bf16_gguf, fmt)))
         elif fmt in ("q4_0", "q4_k_m"):
-            pairs.append(Pair(fmt, gptq_int4_checkpoint(model_path, work), (), quantize_gguf(llama_dir, bf16_gguf, fmt)))
+            pairs.append(Pair(fmt, gptq_int4_checkpoint(model_path, work), head,
+                              quantize_gguf(llama_dir, bf16_gguf, fmt)))
         else:
             raise SystemExit(f"unknown format {fmt!r}: choose from bf16, {', '.join(GGUF_TYPES)}")
     return pairs
@@ -318,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--llama-cpp-bin", type=pathlib.Path, default=None,
                    help="folder of the llama.cpp binaries to time (default: <dir>/build/bin); e.g. an AVX2-only build")
     p.add_argument("--formats", default="bf16", help="comma-separated: bf16, q8_0, q4_0, q4_k_m")
+    p.add_argument("--quantize-lm-head", choices=["int8"], default=None,
+                   help="quantized pairs: also round our LM head (llama-quantize stores the GGUF's as Q6_K / Q8_0)")
     p.add_argument("--emulate", choices=sorted(LEVEL_ENV), default=None,
                    help="run our side as a CPU of this level would (pair it with --llama-cpp-bin)")
     p.add_argument("--model-path", type=pathlib.Path, default=None, help="default: the small demo model")
@@ -344,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     gguf = convert_to_gguf(llama_dir, pathlib.Path(args.model_path), work, args.force_pre)
     env = emulation_env(args.emulate)
     pairs = make_pairs([f.strip() for f in args.formats.split(",") if f.strip()], llama_dir,
-                       pathlib.Path(args.model_path), gguf, work)
+                       pathlib.Path(args.model_path), gguf, work, args.quantize_lm_head)
     report: dict = {"model_path": str(args.model_path), "threads": args.threads, "cpu": our_cpu(env),
                     "llama_cpp_bin": str(args.llama_cpp_bin or llama_dir / "build" / "bin"),
                     "static": {}, "serving": {}}

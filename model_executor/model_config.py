@@ -45,6 +45,8 @@ class ModelRunnerConfig:
     # None: the checkpoint's quantization_config, if any; else a format name
     # or on-the-fly int8 / fp8 (layers/quantization/registry.py).
     quantization: str | None = None
+    # "int8": the loaded LM head rounded per row (layers/quantization/online.py).
+    quantize_lm_head: str | None = None
     # Checkpoints that supply tensors this one lacks (an EAGLE head takes the
     # target's embedding and LM head).
     fallback_weight_paths: tuple[str, ...] = ()

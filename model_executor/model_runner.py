@@ -19,6 +19,7 @@ from layers.cpu_gemm import cpu_pack_supported
 from layers.linear import TPContext
 from layers.logits_processor import LogitsProcessorOutput
 from layers.quantization import CpuPackOptions, QuantizationConfig
+from layers.quantization.online import quantize_lm_head
 from layers.quantization.registry import resolve_quantization
 from layers.sampler import Sampler
 from mem_cache.allocator import TokenToKVPoolAllocator
@@ -70,8 +71,15 @@ class ModelRunner:
         quant_config = self._quant_config(config)
         self.model = load_model(self.model_config, self.device, self.tp, config.load_format, config.random_seed,
                                 quant_config, config.fallback_weight_paths)
+        if config.quantize_lm_head is not None:
+            head = getattr(self.model, "lm_head", None)
+            if head is None:
+                raise ValueError(f"--quantize-lm-head: {type(self.model).__name__} has no LM head")
+            quantize_lm_head(head, config.quantize_lm_head, quant_config.cpu_pack)
         weight_bytes, dense_bytes = weight_memory(self.model)
         self.quantization_info = {**quant_config.describe(), "weight_bytes": weight_bytes}
+        if config.quantize_lm_head is not None:
+            self.quantization_info["lm_head"] = config.quantize_lm_head
         if config.tp_rank == 0:
             logger.info("weights: %.1f MiB per rank (%.1f MiB dense in %s; quantization: %s)",
                         weight_bytes / 2**20, dense_bytes / 2**20, self.dtype, quant_config.name)

@@ -58,6 +58,12 @@ class ServerArgs:
         "checkpoint, int8 or fp8 quantizes the weights while loading (one scale per output row).",
         ("awq", "compressed-tensors", "fp8", "gptq", "int8"),
     )
+    quantize_lm_head: str | None = arg(
+        None,
+        "Round the LM head, which every format keeps dense, to int8 per row at load (any checkpoint; "
+        "the embedding stays as it is): fewer bytes per decode step for slightly coarser logits.",
+        ("int8",),
+    )
     skip_tokenizer_init: bool = arg(False, "Do not load a tokenizer; requests pass token ids.")
     served_model_name: str | None = arg(
         None, "Model name reported by the API; default: --model-path."
@@ -266,6 +272,7 @@ class ServerArgs:
             load_format=self.load_format,
             trust_remote_code=self.trust_remote_code,
             quantization=self.quantization,
+            quantize_lm_head=self.quantize_lm_head,
         )
 
     def scheduler_config(self) -> SchedulerConfig:

@@ -1,4 +1,5 @@
-"""Quantizing a dense checkpoint while it loads (`--quantization int8 | fp8`).
+"""Quantizing a dense checkpoint while it loads (`--quantization int8 | fp8`),
+and a loaded model's LM head (`--quantize-lm-head int8`).
 
 For users without pre-quantized weights: the layer loads its dense weight
 as usual, then `process_weights_after_loading` rounds it, one scale per
@@ -8,6 +9,15 @@ output row (absmax over the row):
 - fp8: e4m3 with w ~ q * scale; on sm89+ GPUs through `torch._scaled_mm`
   with per-token activation scales; on CPU the rounded weights are
   dequantized again (same values, no saving: see kernels.py).
+
+Every format keeps the LM head dense (it may be the embedding's weight), as
+checkpoints ship it. At decode it is often the biggest single weight a step
+reads (the small demo model's bf16 head is 49 MB beside 38 MB of int4
+layers; llama-quantize stores a GGUF's output tensor as Q6_K or Q8_0).
+`quantize_lm_head` rounds a loaded head per row to int8 and runs it on the
+int kernel, leaving the embedding as it is: an opt-in trade of logit
+precision (per-row int8, well below the gaps greedy decoding acts on;
+test_lm_head_quantization.py) for decode speed.
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ from torch import nn
 
 from layers.quantization.base import LinearMethod, QuantizationConfig
 from layers.quantization.canonical import Canonical, Fp8Weight, IntWeight
+from layers.cpu_gemm import NativeLinearForm
+from layers.quantization.kernels import QuantKernel, build_kernel
 from layers.quantization.quantized_method import QuantizedLinearMethod, add_param
 
 ONLINE_KINDS = ("int8", "fp8")
@@ -64,3 +76,35 @@ class OnlineQuantLinearMethod(QuantizedLinearMethod):
 
     def canonical(self, layer: nn.Module) -> Canonical:
         return quantize_per_row(layer.weight.data, self.kind)
+
+
+LM_HEAD_KINDS = ("int8",)
+
+
+class QuantizedLmHeadMethod(LinearMethod):
+    """A loaded LM head's weight rounded per row (`quantize_lm_head`)."""
+
+    def __init__(self, kernel: QuantKernel) -> None:
+        self.kernel = kernel
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        raise TypeError("QuantizedLmHeadMethod replaces a loaded LM head's method (quantize_lm_head)")
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.kernel(x, bias)
+
+    def native_form(self, layer: nn.Module) -> NativeLinearForm | None:
+        return self.kernel.native_form()
+
+
+def quantize_lm_head(head: nn.Module, kind: str, cpu_pack: Any) -> None:
+    """Round the loaded LM head `head` (a ParallelLMHead: this rank's vocab
+    rows) per row and compute its logits on the matching kernel. Its plain
+    weight stays (it may be the embedding's); any bf16 copies packed for the
+    CPU kernels go."""
+    if kind not in LM_HEAD_KINDS:
+        raise ValueError(f"LM head quantization is one of {', '.join(LM_HEAD_KINDS)}, not {kind!r}")
+    weight = head.weight.data
+    kernel = build_kernel(quantize_per_row(weight, kind), weight.dtype, weight.device, cpu_pack, layer="lm_head")
+    head.linear_method = QuantizedLmHeadMethod(kernel)
+    head.packed_weight = None

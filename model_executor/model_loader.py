@@ -15,6 +15,7 @@ from torch import nn
 from layers.checkpoint_tensor import LazyCheckpointTensor
 from layers.linear import TPContext
 from layers.quantization import QuantizationConfig
+from layers.quantization.online import QuantizedLmHeadMethod
 from layers.quantization.quantized_method import QuantizedLinearMethod
 from model_executor.model_config import ModelConfig
 from model_executor.models.registry import get_model_class
@@ -157,7 +158,11 @@ def weight_memory(model: nn.Module) -> tuple[int, int]:
             actual += onednn + (sum(_bytes(stack) for stack in streaming) if streaming else 0)
             dense += onednn
             continue
-        if getattr(layer, "linear_method", None) is None:
+        method = getattr(layer, "linear_method", None)
+        if method is None:
+            continue
+        if isinstance(method, QuantizedLmHeadMethod):  # a rounded copy beside the plain (maybe shared) weight
+            actual += method.kernel.nbytes
             continue
         weight = getattr(layer, "weight", None)
         kernel, packed = getattr(layer, "quant_kernel", None), getattr(layer, "packed_weight", None)

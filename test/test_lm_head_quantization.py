@@ -30,6 +30,13 @@ def test_logits_stay_within_the_rounding_of_the_dense_head(tiny_qwen3, dtype):
     rounded = make_runner(tiny_qwen3, dtype=dtype, quantize_lm_head="int8")
     assert isinstance(rounded.model.lm_head.linear_method, QuantizedLmHeadMethod)
     assert rounded.quantization_info["lm_head"] == "int8" and "lm_head" not in dense.quantization_info
+    # The rounded copy is held beside the plain weight (which may be the embedding's).
+    head_bytes = rounded.model.lm_head.linear_method.kernel.nbytes
+    assert head_bytes >= rounded.model.lm_head.weight.numel()  # a byte per weight, and the scales
+    plain_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in dense.model.parameters()}.values())
+    if dtype == "float32":  # nothing packed beside the plain weights
+        assert rounded.quantization_info["weight_bytes"] == dense.quantization_info["weight_bytes"] + head_bytes
+        assert dense.quantization_info["weight_bytes"] == plain_bytes
     prompt = make_prompts([17], vocab_size=4096, seed=3)[0]
     hidden, dense_logits = hidden_and_logits(dense, prompt)
     _, ours = hidden_and_logits(rounded, prompt)

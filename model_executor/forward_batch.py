@@ -148,8 +148,10 @@ def ints_to_device(values: Sequence[int] | torch.Tensor, device: torch.device | 
 def _positions(prefix_lens: list[int], extend_lens: list[int]) -> torch.Tensor:
     """Positions of the new tokens: prefix_len[i] .. seq_len[i]-1 for each i,
     concatenated (vectorised: a decode batch of hundreds builds this each step)."""
-    extend = torch.tensor(extend_lens, dtype=torch.int64)
     start = torch.tensor(prefix_lens, dtype=torch.int64)
+    if all(n == 1 for n in extend_lens):  # a decode step: each new token sits at its prefix length
+        return start
+    extend = torch.tensor(extend_lens, dtype=torch.int64)
     first_token = torch.cumsum(extend, 0) - extend  # index of each sequence's first new token
     offset_in_seq = torch.arange(int(extend.sum())) - torch.repeat_interleave(first_token, extend)
     return torch.repeat_interleave(start, extend) + offset_in_seq

@@ -49,6 +49,17 @@ def test_decode_batch_rejects_multi_token_sequences():
         ForwardBatch.build(ForwardMode.DECODE, [1, 2, 3], [0, 1], [4, 5], [2, 1], torch.zeros(3), "cpu")
 
 
+@pytest.mark.parametrize("extend_lens", [[1, 1, 1], [3, 0, 2], [1, 2, 1]], ids=["decode", "ragged", "mixed"])
+def test_positions_continue_each_prefix(extend_lens):
+    prefix_lens = [4, 0, 9]
+    tokens = sum(extend_lens)
+    mode = ForwardMode.DECODE if extend_lens == [1, 1, 1] else ForwardMode.EXTEND
+    batch = ForwardBatch.build(mode, list(range(tokens)), [0, 1, 2], prefix_lens, extend_lens,
+                               torch.zeros(tokens, dtype=torch.int64), "cpu")
+    expected = [p + i for p, e in zip(prefix_lens, extend_lens) for i in range(e)]
+    assert batch.positions.tolist() == expected and batch.positions.dtype == torch.int64
+
+
 def _sample_run(runner, prompts, params, steps):
     """Generate `steps` tokens per prompt through ModelRunner.sample."""
     batch = BatchRunner(runner)

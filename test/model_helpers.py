@@ -70,3 +70,20 @@ def our_greedy(runner: ModelRunner, prompts: list[list[int]], new_tokens: int) -
             out, _ = batch.extend(seq_ids, [[t] for t in next_ids])
     batch.release_all()
     return generated
+
+
+def teacher_forced_top1(runner, reference, prompts, positions: int) -> float:
+    """Share of positions where our argmax equals transformers' greedy token,
+    both fed transformers' tokens."""
+    batch = BatchRunner(runner)
+    agree = total = 0
+    for prompt in prompts:
+        target = hf_greedy(reference, prompt, positions)
+        seq = batch.add_sequence()
+        out, _ = batch.extend([seq], [prompt])
+        for token in target:
+            agree += int(torch.argmax(out.next_token_logits[0]).item() == token)
+            total += 1
+            out, _ = batch.extend([seq], [[token]])
+    batch.release_all()
+    return agree / total

@@ -11,7 +11,7 @@ import torch
 
 from layers.quantization.online import QuantizedLmHeadMethod, quantize_per_row
 from model_executor.batch_runner import BatchRunner
-from model_helpers import hf_greedy, hf_model, make_prompts, make_runner
+from model_helpers import hf_model, make_prompts, make_runner, teacher_forced_top1
 from quant_checkpoints import QuantSpec, quantized_demo_model
 from runtime.demo_model import demo_model_path
 
@@ -53,18 +53,8 @@ def test_logits_stay_within_the_rounding_of_the_dense_head(tiny_qwen3, dtype):
 def test_greedy_tokens_agree_with_transformers(tiny_qwen3):
     reference = hf_model(tiny_qwen3, torch.float32)
     runner = make_runner(tiny_qwen3, dtype="float32", quantize_lm_head="int8")
-    batch = BatchRunner(runner)
-    agree = total = 0
-    for prompt in make_prompts([8, 20], vocab_size=4096, seed=5):
-        target = hf_greedy(reference, prompt, 32)
-        seq = batch.add_sequence()
-        out, _ = batch.extend([seq], [prompt])
-        for token in target:
-            agree += int(torch.argmax(out.next_token_logits[0]).item() == token)
-            total += 1
-            out, _ = batch.extend([seq], [[token]])
-    batch.release_all()
-    assert agree / total >= 0.95, agree / total
+    share = teacher_forced_top1(runner, reference, make_prompts([8, 20], vocab_size=4096, seed=5), 32)
+    assert share >= 0.95, share
     assert runner.token_to_kv_pool_allocator.available_size() == runner.max_total_num_tokens
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model_executor.batch_runner import BatchRunner
-from model_helpers import hf_greedy, hf_model, make_prompts, make_runner, our_greedy
+from model_helpers import hf_greedy, hf_model, make_prompts, make_runner, our_greedy, teacher_forced_top1
 from native_helpers import level_params
 from quant_checkpoints import QuantSpec, quantize_checkpoint, quantized_demo_model
 from runtime.demo_model import demo_model_path
@@ -89,28 +89,11 @@ def test_qwen2_biases_load_next_to_quantized_weights(tmp_path_factory):
     assert our_greedy(make_runner(qdir), prompts, NEW_TOKENS) == [hf_greedy(reference, p, NEW_TOKENS) for p in prompts]
 
 
-def _teacher_forced_top1(runner, reference, prompts, positions: int) -> float:
-    """Share of positions where our argmax equals transformers' greedy token,
-    both fed transformers' tokens."""
-    batch = BatchRunner(runner)
-    agree = total = 0
-    for prompt in prompts:
-        target = hf_greedy(reference, prompt, positions)
-        seq = batch.add_sequence()
-        out, _ = batch.extend([seq], [prompt])
-        for token in target:
-            agree += int(torch.argmax(out.next_token_logits[0]).item() == token)
-            total += 1
-            out, _ = batch.extend([seq], [[token]])
-    batch.release_all()
-    return agree / total
-
-
 def test_int8_activation_format_agrees_on_the_top_token(tmp_path_factory):
     qdir, ref = quantized(tmp_path_factory, QuantSpec("ct_w8a8_int"))
     runner = make_runner(qdir)
     assert runner.quantization_info["schemes"][0]["activations"] == "dynamic"
-    share = _teacher_forced_top1(runner, hf_model(ref, torch.float32), make_prompts([8, 20], 4096, seed=5), 64)
+    share = teacher_forced_top1(runner, hf_model(ref, torch.float32), make_prompts([8, 20], 4096, seed=5), 64)
     assert share >= 0.95, share
     assert runner.token_to_kv_pool_allocator.available_size() == runner.max_total_num_tokens
 
@@ -121,8 +104,8 @@ def test_bf16_quantized_model_tracks_the_dense_bf16_model(tmp_path_factory):
     level); it must track the same dequantized weights run dense in bf16."""
     qdir, ref = quantized(tmp_path_factory, QuantSpec("gptq", bits=4, group_size=64))
     prompts = make_prompts([12, 25], vocab_size=4096, seed=8)
-    share = _teacher_forced_top1(make_runner(qdir, dtype="bfloat16"), hf_model(ref, torch.float32), prompts, 32)
-    dense_share = _teacher_forced_top1(make_runner(ref, dtype="bfloat16"), hf_model(ref, torch.float32), prompts, 32)
+    share = teacher_forced_top1(make_runner(qdir, dtype="bfloat16"), hf_model(ref, torch.float32), prompts, 32)
+    dense_share = teacher_forced_top1(make_runner(ref, dtype="bfloat16"), hf_model(ref, torch.float32), prompts, 32)
     assert share >= dense_share - 0.05, (share, dense_share)
 
 

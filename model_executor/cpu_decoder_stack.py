@@ -74,21 +74,16 @@ def build_cpu_decoder_stack(model: nn.Module, kv_pool: KVPool, attn_backend: obj
     assert isinstance(decoder, DecoderModel) and isinstance(attn_backend, CpuAttnBackend)
     ops = native_ops()
     assert ops is not None
-    layers, max_rows = [], None
-    for layer in decoder.layers:
-        built = _layer_weights(ops, layer)
-        if built is None:
-            logger.debug("CPU decoder stack off: a projection of layer %d has no native kernel",
-                         layer.self_attn.attn.layer_id)
-            return None
-        weights, rows = built
-        layers.append(weights)
-        max_rows = rows if max_rows is None else min(max_rows, rows)
+    built = [_layer_weights(ops, layer) for layer in decoder.layers]
+    if any(layer is None for layer in built):
+        logger.debug("CPU decoder stack off: a projection has no native kernel")
+        return None
     first = decoder.layers[0].self_attn
-    native = ops.DecoderStack(layers, first.num_heads, first.num_kv_heads, first.head_dim, first.attn.scaling)
+    native = ops.DecoderStack([weights for weights, _ in built], first.num_heads, first.num_kv_heads,
+                              first.head_dim, first.attn.scaling)
     buffers = [kv_pool.get_kv_buffer(layer.self_attn.attn.layer_id) for layer in decoder.layers]
-    return CpuDecoderStack(native, attn_backend, [k for k, _ in buffers], [v for _, v in buffers], max_rows,
-                           ops.isa.kernel_mask)
+    return CpuDecoderStack(native, attn_backend, [k for k, _ in buffers], [v for _, v in buffers],
+                           min(rows for _, rows in built), ops.isa.kernel_mask)
 
 
 def _not_covered(decoder: object, kv_pool: KVPool, attn_backend: object) -> str | None:
@@ -105,6 +100,8 @@ def _not_covered(decoder: object, kv_pool: KVPool, attn_backend: object) -> str 
             return "a layer is not a dense decoder layer"
         if not layer.mlp.act_fn.use_native:
             return "fused ops are off"
+        if layer.input_layernorm.variance_epsilon != layer.post_attention_layernorm.variance_epsilon:
+            return "the layer's two norms differ in eps (the stack keeps one per layer)"
         attention = layer.self_attn
         if attention.qkv_proj.tp.size != 1:
             return "tensor parallel (the reduce runs between the kernels)"

@@ -79,19 +79,28 @@ class BatchRunner:
         # Slot of each sequence's last cached token (-1 if none): the paged
         # allocator continues a partly filled page from there.
         rows = torch.tensor([s.row for s in seqs], device=table.device)
-        last = torch.tensor([max(s.length - 1, 0) for s in seqs], device=table.device)
-        has_prefix = torch.tensor([s.length > 0 for s in seqs], device=table.device)
-        last_locs = torch.where(has_prefix, table[rows, last].long(), -1).cpu()
+        if all(p > 0 for p in prefix_lens):
+            last_locs = table[rows, torch.tensor(prefix_lens, device=table.device) - 1].long().cpu()
+        else:
+            last = torch.tensor([max(s.length - 1, 0) for s in seqs], device=table.device)
+            has_prefix = torch.tensor([s.length > 0 for s in seqs], device=table.device)
+            last_locs = torch.where(has_prefix, table[rows, last].long(), -1).cpu()
         slots = self.runner.token_to_kv_pool_allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
         if slots is None:
             raise RuntimeError("out of KV cache slots")
-        offset = 0
-        for seq, n in zip(seqs, extend_lens):
-            own = slots[offset : offset + n]
-            table[seq.row, seq.length : seq.length + n] = own.to(table.device, torch.int32)
-            seq.owned_slots.append(own)
-            seq.length += n
-            offset += n
+        if all(n == 1 for n in extend_lens):  # one token each: one table write for the batch
+            table[rows, torch.tensor(prefix_lens, device=table.device)] = slots.to(table.device, torch.int32)
+            for i, seq in enumerate(seqs):
+                seq.owned_slots.append(slots[i : i + 1])
+                seq.length += 1
+        else:
+            offset = 0
+            for seq, n in zip(seqs, extend_lens):
+                own = slots[offset : offset + n]
+                table[seq.row, seq.length : seq.length + n] = own.to(table.device, torch.int32)
+                seq.owned_slots.append(own)
+                seq.length += n
+                offset += n
         batch = ForwardBatch.build(
             _mode_for(prefix_lens, extend_lens),
             [t for tokens in new_tokens for t in tokens],

@@ -182,6 +182,33 @@ def test_alloc_decode_crosses_pages(ps: int, entry: str) -> None:
     assert a.available_size() == a.size
 
 
+@pytest.mark.parametrize("entry", ["alloc_decode", "alloc_extend"])
+def test_one_slot_decode_wraps_the_free_ring(entry: str) -> None:
+    """Page size 1 decodes take a slice of the free ring (no tensor index):
+    across the ring's end they still hand out free, distinct slots, mark
+    them used, refuse bad lengths, and leave nothing behind when short."""
+    a = TokenToKVPoolAllocator(5, page_size=1)
+    held: list[int] = []
+    for step in range(12):  # frees and re-allocates, so the ring head wraps several times
+        lens = [3 + step, 7 + step]
+        out = (a.alloc_decode(lens, [-1, -1]) if entry == "alloc_decode"
+               else a.alloc_extend([n - 1 for n in lens], lens, [-1, -1]))
+        assert out is not None
+        new = out.tolist()
+        assert len(set(new)) == 2 and not set(new) & set(held)
+        assert not a.page_is_free[out].any()
+        held += new
+        if len(held) > 2:  # keep the last step's two, free the older ones
+            a.free(torch.tensor(held[:-2]))
+            held = held[-2:]
+    before = snapshot(a)
+    with pytest.raises(ValueError):
+        a.alloc_decode([0], [-1])
+    too_many = [1] * (a.available_size() + 1)
+    assert a.alloc_decode(too_many, [-1] * len(too_many)) is None
+    assert snapshot(a) == before
+
+
 # ---- TokenToKVPoolAllocator: randomized against a model ---------------------
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 
 from managers.schedule_batch import EMPTY_SLOTS
+from mem_cache.allocator import last_slots_mid_page
 
 if TYPE_CHECKING:
     from managers.schedule_batch import Req
@@ -53,24 +54,6 @@ class PrefixCache(Protocol):
     def record_hit(self, matched: int, total: int) -> None: ...
     def hit_rate(self) -> float: ...
     def reset(self) -> None: ...
-
-
-def last_slots_mid_page(table: torch.Tensor, rows: list[int], prefix_lens: list[int], page_size: int) -> list[int]:
-    """Per request, the slot of its last prefix token where the prefix ends
-    inside a page (the allocator continues that page), else -1: the
-    allocator reads last_locs only there, and at page size 1 never.
-    `table` may live on the GPU, so the needed entries are read in one
-    gather (one device sync per step, not one per request, and none when no
-    prefix ends mid-page)."""
-    mid = [i for i, p in enumerate(prefix_lens) if p % page_size]
-    last_locs = [-1] * len(prefix_lens)
-    if mid:
-        index = torch.tensor([[rows[i], prefix_lens[i] - 1] for i in mid], dtype=torch.int64)
-        if table.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU
-            index = index.pin_memory().to(table.device, non_blocking=True)
-        for i, slot in zip(mid, table[index[:, 0], index[:, 1]].tolist()):
-            last_locs[i] = slot
-    return last_locs
 
 
 class CacheManager:
@@ -122,8 +105,12 @@ class CacheManager:
         slots = self.allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
         if slots is None:
             return None
-        row_index = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), torch.tensor(extend_lens))
-        columns = torch.cat([torch.arange(p, p + e, dtype=torch.int64) for p, e in zip(prefix_lens, extend_lens)])
+        if all(e == 1 for e in extend_lens):  # a decode step: no per-request aranges
+            row_index, columns = torch.tensor(rows, dtype=torch.int64), torch.tensor(prefix_lens, dtype=torch.int64)
+        else:
+            row_index = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), torch.tensor(extend_lens))
+            columns = torch.cat([torch.arange(p, p + e, dtype=torch.int64)
+                                 for p, e in zip(prefix_lens, extend_lens)])
         if table.device.type == "cuda":  # from pinned memory the copies do not wait for the GPU
             row_index, columns = (x.pin_memory().to(table.device, non_blocking=True) for x in (row_index, columns))
         table[row_index, columns] = slots.to(table.device, torch.int32)

@@ -26,6 +26,24 @@ def _as_cpu_int64(x: IntList) -> Tensor:
     return torch.tensor(list(x), dtype=torch.int64)
 
 
+def last_slots_mid_page(table: torch.Tensor, rows: list[int], prefix_lens: list[int], page_size: int) -> list[int]:
+    """Per request, the slot of its last prefix token where the prefix ends
+    inside a page (the allocator continues that page), else -1: the
+    allocator reads last_locs only there, and at page size 1 never.
+    `table` may live on the GPU, so the needed entries are read in one
+    gather (one device sync per step, not one per request, and none when no
+    prefix ends mid-page)."""
+    mid = [i for i, p in enumerate(prefix_lens) if p % page_size]
+    last_locs = [-1] * len(prefix_lens)
+    if mid:
+        index = torch.tensor([[rows[i], prefix_lens[i] - 1] for i in mid], dtype=torch.int64)
+        if table.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU
+            index = index.pin_memory().to(table.device, non_blocking=True)
+        for i, slot in zip(mid, table[index[:, 0], index[:, 1]].tolist()):
+            last_locs[i] = slot
+    return last_locs
+
+
 class TokenToKVPoolAllocator:
     """Free list of KV pages.
 

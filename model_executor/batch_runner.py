@@ -15,6 +15,7 @@ import torch
 
 from layers.logits_processor import LogitsProcessorOutput
 from layers.sampler import SamplingBatchInfo
+from mem_cache.allocator import last_slots_mid_page
 from model_executor.forward_batch import ForwardBatch, ForwardMode
 from model_executor.model_runner import ModelRunner
 
@@ -76,20 +77,16 @@ class BatchRunner:
         extend_lens = [len(t) for t in new_tokens]
         seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
         table = self.runner.req_to_token_pool.req_to_token
-        # Slot of each sequence's last cached token (-1 if none): the paged
-        # allocator continues a partly filled page from there.
-        rows = torch.tensor([s.row for s in seqs], device=table.device)
-        if all(p > 0 for p in prefix_lens):
-            last_locs = table[rows, torch.tensor(prefix_lens, device=table.device) - 1].long().cpu()
-        else:
-            last = torch.tensor([max(s.length - 1, 0) for s in seqs], device=table.device)
-            has_prefix = torch.tensor([s.length > 0 for s in seqs], device=table.device)
-            last_locs = torch.where(has_prefix, table[rows, last].long(), -1).cpu()
+        # Where a sequence's cached tokens end inside a page, the allocator
+        # continues that page from its last slot.
+        rows = [s.row for s in seqs]
+        last_locs = last_slots_mid_page(table, rows, prefix_lens, self.runner.config.page_size)
         slots = self.runner.token_to_kv_pool_allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
         if slots is None:
             raise RuntimeError("out of KV cache slots")
         if all(n == 1 for n in extend_lens):  # one token each: one table write for the batch
-            table[rows, torch.tensor(prefix_lens, device=table.device)] = slots.to(table.device, torch.int32)
+            index = torch.tensor([rows, prefix_lens], device=table.device)
+            table[index[0], index[1]] = slots.to(table.device, torch.int32)
             for i, seq in enumerate(seqs):
                 seq.owned_slots.append(slots[i : i + 1])
                 seq.length += 1

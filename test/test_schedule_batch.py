@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from managers.cache_manager import last_slots_mid_page
+from mem_cache.allocator import last_slots_mid_page
 from mem_cache.allocator import TokenToKVPoolAllocator
 
 

@@ -36,9 +36,9 @@ def reference(x, weight, bias):
 
 
 # Outputs not a multiple of 16 (masked tail block), a panel of fewer than 4
-# blocks, odd K; rows past one register tile (6) and K past one chunk (256).
+# blocks, odd K; rows past one register tile (6: 7, 8 and 32 end in 4+3 or 4+4 tiles) and K past one chunk (256).
 @pytest.mark.parametrize("out_features,in_features", [(1, 3), (33, 70), (48, 64), (200, 300), (96, 601)])
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 13, 32])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_streaming_linear_matches_fp32_reference(level_ops, out_features, in_features, rows, with_bias):
     gen = torch.Generator().manual_seed(out_features * 1000 + rows)

@@ -17,10 +17,12 @@ from layers.cpu_features import (
     ISA_AVX2,
     ISA_AVX512,
     ISA_AVX512_BF16,
+    TUNE_STREAM_PREFETCH,
     CpuFeatures,
     CpuIsa,
     IsaLevel,
     probe_features,
+    read_prefetch_override,
 )
 from layers.cpu_kernels import build_dir
 from native_helpers import built_native_ops, level_params, requires_native_kernels
@@ -86,6 +88,59 @@ def test_the_cap_lowers_the_level_and_never_raises_it():
     assert CpuIsa(amx, None).at(IsaLevel.AVX512).kernel_mask == ISA_AVX2 | ISA_AVX512 | ISA_AVX512_BF16
     # at() never goes above an existing cap.
     assert CpuIsa(amx, IsaLevel.AVX2).at(IsaLevel.AMX).level == IsaLevel.AVX2
+
+
+def test_the_linears_prefetch_their_weights_on_intel_only_unless_told(monkeypatch):
+    """A tuning bit, not an instruction set: measured to pay on a Xeon and to
+    cost on a Zen 4; the environment overrides the vendor's default."""
+    avx2 = frozenset({"avx2", "fma", "f16c"})
+    intel = CpuFeatures("x86_64", avx2 | {"vendor_intel"}, "cpuid")
+    amd = CpuFeatures("x86_64", avx2 | {"vendor_amd"}, "cpuid")
+    assert CpuIsa(intel, None).kernel_mask == ISA_AVX2 | TUNE_STREAM_PREFETCH
+    assert CpuIsa(amd, None).kernel_mask == ISA_AVX2
+    assert CpuIsa(CpuFeatures("x86_64", avx2, "cpuid"), None).kernel_mask == ISA_AVX2  # vendor unknown: off
+    assert CpuIsa(amd, None, prefetch_override=True).kernel_mask == ISA_AVX2 | TUNE_STREAM_PREFETCH
+    assert CpuIsa(intel, None, prefetch_override=False).kernel_mask == ISA_AVX2
+    # No native linear runs below AVX2, so no bit there; at() keeps the override.
+    assert CpuIsa(intel, IsaLevel.GENERIC).kernel_mask == 0
+    assert CpuIsa(amd, None, prefetch_override=True).at(IsaLevel.AVX2).stream_prefetch
+    for value, expected in (("", None), ("0", False), ("1", True)):
+        monkeypatch.setenv("RADIXSERVE_CPU_PREFETCH", value)
+        assert read_prefetch_override() == expected
+    monkeypatch.setenv("RADIXSERVE_CPU_PREFETCH", "yes")
+    with pytest.raises(ValueError, match="0 or 1"):
+        read_prefetch_override()
+
+
+@X86
+@requires_native_kernels
+def test_the_probe_names_the_vendor_as_the_kernel_does():
+    flags = probe_features(built_native_ops().module).flags
+    vendor = next(line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id"))
+    assert ("vendor_intel" in flags) == (vendor == "GenuineIntel")
+    assert ("vendor_amd" in flags) == (vendor in ("AuthenticAMD", "HygonGenuine"))
+
+
+@requires_native_kernels
+@pytest.mark.parametrize("level", level_params(IsaLevel.AVX2))
+def test_prefetching_changes_no_linear_result(level):
+    ops = built_native_ops().at(level)
+    module, mask = ops.module, ops.isa.kernel_mask & ~TUNE_STREAM_PREFETCH
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(200, 256, generator=gen)
+    packed = module.pack_bf16_weight(w.bfloat16())
+    scale = w.abs().amax(1, keepdim=True) / 127
+    int8 = module.pack_int_weight(torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale, None, 256, 8)
+    groups = w.view(200, 2, 128).abs().amax(-1) / 7
+    q4 = torch.round(w.view(200, 2, 128) / groups[..., None]).clamp(-8, 7).view(200, 256).to(torch.int8)
+    int4 = module.pack_int_weight(q4, groups, None, 128, 4)
+    for rows in (1, 2, 9):
+        x = torch.randn(rows, 256, generator=gen).bfloat16()
+        runs = [(module.bf16_linear(x, packed, None, 200, m), module.int_linear(x, int8, None, 200, 256, 8, False, 0, m),
+                 module.int_linear(x, int4, None, 200, 128, 4, False, 0, m))
+                for m in (mask, mask | TUNE_STREAM_PREFETCH)]
+        for without, with_prefetch in zip(*runs):
+            assert torch.equal(without, with_prefetch)
 
 
 def test_a_misspelt_cap_is_an_error_that_names_the_choices():

@@ -75,7 +75,13 @@ std::map<std::string, bool> cpu_features() {
   std::map<std::string, bool> f;
 #if defined(__x86_64__) || defined(_M_X64)
   unsigned a = 0, b = 0, c = 0, d = 0;
+  unsigned vendor[3] = {0, 0, 0};
   const unsigned max_leaf = __get_cpuid_max(0, nullptr);
+  __cpuid(0, a, vendor[0], vendor[2], vendor[1]);  // "GenuineIntel" is ebx, edx, ecx
+  const std::string vendor_id(reinterpret_cast<const char*>(vendor), sizeof(vendor));
+  // Not features: who made the CPU, for tuning choices (isa.h's kTuneStreamPrefetch).
+  f["vendor_intel"] = vendor_id == "GenuineIntel";
+  f["vendor_amd"] = vendor_id == "AuthenticAMD" || vendor_id == "HygonGenuine";
   __cpuid(1, a, b, c, d);
   const bool osxsave = c & (1u << 27);
   unsigned long long xcr0 = 0;
@@ -140,7 +146,7 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed,
                           const c10::optional<torch::Tensor>& bias, int64_t out_features, int64_t isa) {
   const auto kernel = pick(isa, &KernelTable::bf16_linear);
   TORCH_CHECK(kernel != nullptr, "bf16_linear needs AVX2 or AVX-512 (check bf16_gemm_supported())");
-  return kernel(x, packed, bias, out_features);
+  return kernel(x, packed, bias, out_features, has_isa(isa, kTuneStreamPrefetch));
 }
 
 torch::Tensor int_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
@@ -149,7 +155,8 @@ torch::Tensor int_linear(const torch::Tensor& x, const torch::Tensor& packed, co
   const auto kernel = pick(isa, &KernelTable::int_linear);
   TORCH_CHECK(kernel != nullptr, "int_linear needs AVX2 or AVX-512 (check int_gemm_supported())");
   const AmxLinearFn amx = amx_int_gemm_usable(isa) ? pick(isa, &KernelTable::amx_linear) : nullptr;
-  return kernel(x, packed, bias, out_features, group_size, bits, has_offset, amx_min_rows, amx);
+  return kernel(x, packed, bias, out_features, group_size, bits, has_offset, amx_min_rows, amx,
+                has_isa(isa, kTuneStreamPrefetch));
 }
 
 void paged_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,

@@ -14,6 +14,8 @@
 namespace radixserve {
 
 // y [m, out_features] bf16 = x [m, L.k] bf16 times a packed int weight (+ bias), on AMX tiles.
+// (The linears' `prefetch`: whether to software-prefetch their weight
+// streams, kTuneStreamPrefetch in isa.h.)
 using AmxLinearFn = void (*)(const int_gemm::Layout& L, const uint8_t* w, const uint16_t* x, int64_t m,
                              const float* bias, int64_t out_features, at::BFloat16* y);
 
@@ -21,10 +23,11 @@ struct KernelTable {
   const char* name;
   int64_t required;  // the IsaBit mask a caller must allow
   torch::Tensor (*bf16_linear)(const torch::Tensor& x, const torch::Tensor& packed,
-                               const c10::optional<torch::Tensor>& bias, int64_t out_features);
+                               const c10::optional<torch::Tensor>& bias, int64_t out_features, bool prefetch);
   torch::Tensor (*int_linear)(const torch::Tensor& x, const torch::Tensor& packed,
                               const c10::optional<torch::Tensor>& bias, int64_t out_features, int64_t group_size,
-                              int64_t bits, bool has_offset, int64_t amx_min_rows, AmxLinearFn amx);
+                              int64_t bits, bool has_offset, int64_t amx_min_rows, AmxLinearFn amx,
+                              bool prefetch);
   void (*paged_attention)(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                           const torch::Tensor& req_to_token, const torch::Tensor& req_pool_indices,
                           const torch::Tensor& prefix_lens, const torch::Tensor& extend_lens, double scale,

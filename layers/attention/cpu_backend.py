@@ -48,9 +48,11 @@ class CpuAttnBackend(AttentionBackend):
         if self.fallback is not None:
             self.fallback.init_forward_metadata(batch)
             return
-        self.rows = torch.tensor(batch.req_pool_indices_cpu, dtype=torch.int64)
-        self.prefix_lens = torch.tensor(batch.extend_prefix_lens_cpu, dtype=torch.int64)
-        self.extend_lens = torch.tensor(batch.extend_seq_lens_cpu, dtype=torch.int64)
+        # The batch's own int64 tensors: on this backend's device (the CPU)
+        # they are the host copies the kernel wants, with no new tensors per step.
+        self.rows = batch.req_pool_indices
+        self.prefix_lens = batch.extend_prefix_lens
+        self.extend_lens = batch.extend_seq_lens
 
     def forward(self, q, k, v, layer, batch, save_kv_cache=True):
         if self.fallback is not None:

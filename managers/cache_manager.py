@@ -105,15 +105,7 @@ class CacheManager:
         slots = self.allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
         if slots is None:
             return None
-        if all(e == 1 for e in extend_lens):  # a decode step: no per-request aranges
-            row_index, columns = torch.tensor(rows, dtype=torch.int64), torch.tensor(prefix_lens, dtype=torch.int64)
-        else:
-            row_index = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), torch.tensor(extend_lens))
-            columns = torch.cat([torch.arange(p, p + e, dtype=torch.int64)
-                                 for p, e in zip(prefix_lens, extend_lens)])
-        if table.device.type == "cuda":  # from pinned memory the copies do not wait for the GPU
-            row_index, columns = (x.pin_memory().to(table.device, non_blocking=True) for x in (row_index, columns))
-        table[row_index, columns] = slots.to(table.device, torch.int32)
+        self.req_to_token_pool.write_slots(rows, prefix_lens, extend_lens, slots)
         for req, n in zip(reqs, seq_lens):
             req.kv_committed_len = n
         return slots

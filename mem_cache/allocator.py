@@ -134,10 +134,10 @@ class TokenToKVPoolAllocator:
         everything past it goes to fresh pages. All or nothing: None when the
         free pages do not cover the whole call.
         """
-        if (self.page_size == 1 and not isinstance(prefix_lens, Tensor) and not isinstance(seq_lens, Tensor)
+        if (not isinstance(prefix_lens, Tensor) and not isinstance(seq_lens, Tensor)
                 and len(prefix_lens) == len(seq_lens)
                 and all(p >= 0 and s - p == 1 for p, s in zip(prefix_lens, seq_lens))):
-            return self.alloc_decode(seq_lens, last_locs)  # checked here in Python ints: no tensor ops
+            return self.alloc_decode(seq_lens, last_locs)  # a decode step, seen in Python ints: no tensor ops
         prefix = _as_cpu_int64(prefix_lens)
         seq = _as_cpu_int64(seq_lens)
         last = _as_cpu_int64(last_locs)

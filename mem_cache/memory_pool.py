@@ -63,6 +63,19 @@ class ReqToTokenPool:
             self._is_free[r] = True
         self.free_slots.extend(rows)
 
+    def write_slots(self, rows: list[int], prefix_lens: list[int], extend_lens: list[int], slots: Tensor) -> None:
+        """Record `slots` (concatenated per request) as positions
+        [prefix_len, prefix_len + extend_len) of each row, in one indexed write."""
+        if all(e == 1 for e in extend_lens):  # a decode step: no per-request aranges
+            row_index, columns = torch.tensor(rows, dtype=torch.int64), torch.tensor(prefix_lens, dtype=torch.int64)
+        else:
+            row_index = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), torch.tensor(extend_lens))
+            columns = torch.cat([torch.arange(p, p + e, dtype=torch.int64)
+                                 for p, e in zip(prefix_lens, extend_lens)])
+        if self.device.type == "cuda":  # from pinned memory the copies do not wait for the GPU
+            row_index, columns = (x.pin_memory().to(self.device, non_blocking=True) for x in (row_index, columns))
+        self.req_to_token[row_index, columns] = slots.to(self.device, torch.int32)
+
     def clear(self) -> None:
         self.free_slots = list(range(self.size))
         self._is_free = [True] * self.size

@@ -84,20 +84,12 @@ class BatchRunner:
         slots = self.runner.token_to_kv_pool_allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
         if slots is None:
             raise RuntimeError("out of KV cache slots")
-        if all(n == 1 for n in extend_lens):  # one token each: one table write for the batch
-            index = torch.tensor([rows, prefix_lens], device=table.device)
-            table[index[0], index[1]] = slots.to(table.device, torch.int32)
-            for i, seq in enumerate(seqs):
-                seq.owned_slots.append(slots[i : i + 1])
-                seq.length += 1
-        else:
-            offset = 0
-            for seq, n in zip(seqs, extend_lens):
-                own = slots[offset : offset + n]
-                table[seq.row, seq.length : seq.length + n] = own.to(table.device, torch.int32)
-                seq.owned_slots.append(own)
-                seq.length += n
-                offset += n
+        self.runner.req_to_token_pool.write_slots(rows, prefix_lens, extend_lens, slots)
+        offset = 0
+        for seq, n in zip(seqs, extend_lens):
+            seq.owned_slots.append(slots[offset : offset + n])
+            seq.length += n
+            offset += n
         batch = ForwardBatch.build(
             _mode_for(prefix_lens, extend_lens),
             [t for tokens in new_tokens for t in tokens],
